@@ -1,0 +1,120 @@
+"""Every user mistake: one line naming what and where, exit 2, no traceback, nothing written.
+Storage trouble: one line, exit 1, password masked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from conftest import run_tuner, write_study
+
+
+def assert_one_line(result, code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tuner: error: ")
+    assert "Traceback" not in result.stderr + result.stdout
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(body)
+    return path
+
+
+BAD_FILES = {
+    "malformed": ("[study\nname='x'", "not valid TOML"),
+    "unknown key": ("[study]\nname='x'\n[search]\ndropuot=[0,0.5]", "dropuot: unknown key"),
+    "low > high": ("[study]\nname='x'\n[search]\ndropout=[0.6,0.1]", "low 0.6 is greater than"),
+    "dropout >= 1": ("[study]\nname='x'\n[search]\ndropout=[0.0,1.0]", "[search] dropout: 1.0"),
+    "log l2 <= 0": ("[study]\nname='x'\n[search]\nl2=[0.0,0.1]", "must be > 0 on a log scale"),
+    "sampler": ("[study]\nname='x'\nsampler='bayes'", "unknown sampler 'bayes'"),
+    "pruner": ("[study]\nname='x'\npruner='asha'", "unknown pruner 'asha'"),
+    "family": ("[study]\nname='x'\n[model]\nfamily='vgg'", "unknown model family 'vgg'"),
+    "source": ("[study]\nname='x'\n[data]\nsource='cifar'", "unknown data source 'cifar'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_study_file(tmp_path: Path, case: str) -> None:
+    body, needle = BAD_FILES[case]
+    path = write(tmp_path, body)
+    db = tmp_path / "tuner.db"
+    result = run_tuner("run", str(path), "--storage", f"sqlite:///{db}")
+    assert_one_line(result, 2, str(path), needle)
+    assert not db.exists()  # nothing was written
+
+
+def test_missing_study_file(tmp_path: Path) -> None:
+    result = run_tuner("run", str(tmp_path / "nope.toml"), cwd=tmp_path)
+    assert_one_line(result, 2, "nope.toml", "study file not found")
+    assert not (tmp_path / "tuner.db").exists()
+
+
+def npz_study(tmp_path: Path, **arrays: np.ndarray) -> Path:
+    data = tmp_path / "data.npz"
+    if arrays:
+        np.savez(data, **arrays)
+    return write_study(tmp_path, source=f"npz:{data}")
+
+
+@pytest.mark.parametrize(("arrays", "needle"), [
+    ({}, "file not found"),
+    ({"images": np.zeros((4, 8, 8))}, "expected arrays x_train, y_train, x_val, y_val"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.zeros(5, dtype=int)}, "do not match images x"),
+    ({"x_train": np.zeros((4, 8, 8)), "y_train": np.zeros(4, dtype=int),
+      "x_val": np.zeros((3, 8, 8)), "y_val": np.zeros(2, dtype=int)}, "labels y_val"),
+    ({"x": np.zeros((4, 8)), "y": np.zeros(4, dtype=int)}, "must hold images"),
+], ids=["missing", "no arrays", "x/y mismatch", "val mismatch", "not images"])
+def test_bad_npz_source(tmp_path: Path, arrays: dict, needle: str) -> None:
+    path = npz_study(tmp_path, **arrays)
+    result = run_tuner("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")
+    assert_one_line(result, 2, "[data] source npz:", needle)
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_bad_input_writes_nothing_to_postgres(tmp_path: Path, pg_url: str) -> None:
+    path = write(tmp_path, BAD_FILES["low > high"][0])
+    assert_one_line(run_tuner("create", str(path), "--storage", pg_url), 2, "low 0.6")
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(pg_url)
+    assert "studies" not in sqlalchemy.inspect(engine).get_table_names()
+    engine.dispose()
+
+
+def test_unknown_study_for_best(tmp_path: Path, pg_url: str) -> None:
+    run = run_tuner("create", str(write_study(tmp_path, "digits-x")), "--storage", pg_url)
+    assert run.returncode == 0, run.stderr
+    result = run_tuner("best", "--study", "digits-y", "--storage", pg_url)
+    assert_one_line(result, 2, "unknown study 'digits-y'", "did you mean 'digits-x'")
+    assert len(optuna.get_all_study_names(storage=pg_url)) == 1
+
+
+def test_best_on_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
+    result = run_tuner("best", "--study", "x", cwd=tmp_path)
+    assert_one_line(result, 2, "no database at sqlite:///tuner.db")
+    assert not (tmp_path / "tuner.db").exists()
+
+
+def test_bad_flag_is_one_line(tmp_path: Path) -> None:
+    result = run_tuner("worker", "--study", "x", "--n-trials", "-3", cwd=tmp_path)
+    assert_one_line(result, 2, "--n-trials", "must be positive")
+
+
+def test_unreachable_database_masks_the_password(tmp_path: Path) -> None:
+    path = write_study(tmp_path)
+    url = "postgresql+psycopg2://alice:S3cretPW@127.0.0.1:1/nodb"
+    result = run_tuner("create", str(path), "--storage", url)
+    assert_one_line(result, 1, "cannot open storage postgresql+psycopg2://alice:***@127.0.0.1:1")
+    assert "S3cretPW" not in result.stderr + result.stdout
+
+
+def test_malformed_url(tmp_path: Path) -> None:
+    result = run_tuner("create", str(write_study(tmp_path)), "--storage", "not a url")
+    assert_one_line(result, 1, "malformed storage URL")

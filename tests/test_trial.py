@@ -1,0 +1,137 @@
+"""One trial in-process: the objective excludes the L2 penalty, augmentation is in the model,
+pruning and early stopping record what a user reads back, NaN fails the trial with a reason."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import optuna
+import pytest
+
+from tuner.augment import build_augmentation
+from tuner.data import load_arrays, make_datasets
+from tuner.space import Augmentation, Hyperparams, from_params, param_names, sample
+from tuner.spec import parse_spec
+from tuner.trial import TrialDiverged, build_model, run_trial, with_shape
+
+
+def spec_for(search: dict, **model) -> object:
+    return parse_spec({"study": {"name": "t", "seed": 0},
+                       "data": {"source": "digits", "limit": 300},
+                       "model": {"epochs": 2, "batch_size": 64, **model},
+                       "search": search})
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    return load_arrays(spec_for({}).data)
+
+
+def hp_for(arrays, l2: float, dropout: float = 0.0, strength: float = 0.0) -> Hyperparams:
+    hp = Hyperparams(dropout=(dropout,), l2=l2, augmentation=Augmentation.from_strength(strength),
+                     learning_rate=1e-3)
+    return with_shape(hp, arrays)
+
+
+def test_objective_is_the_unpenalized_validation_loss(arrays) -> None:
+    """Two models identical but for L2 have the same data loss; Keras' val_loss differs."""
+    spec = spec_for({})
+    _, val = make_datasets(arrays, 64)
+    scores = {}
+    for l2 in (0.0, 0.1):
+        keras.utils.set_random_seed(7)
+        model = build_model(hp_for(arrays, l2), spec)
+        scores[l2] = model.evaluate(val, verbose=0, return_dict=True)
+        penalty = float(sum(keras.ops.convert_to_numpy(x) for x in model.losses)) if l2 else 0.0
+        assert scores[l2]["loss"] == pytest.approx(scores[l2]["xent"] + penalty, rel=1e-4)
+    assert scores[0.0]["xent"] == pytest.approx(scores[0.1]["xent"], rel=1e-5)
+    assert scores[0.1]["loss"] > scores[0.1]["xent"] + 0.5  # Keras' val_loss carries l2·Σw²
+
+
+def test_trial_reports_unpenalized_loss_every_epoch(arrays) -> None:
+    spec = spec_for({"dropout": 0.1, "l2": 0.05, "augment": 0.2})
+    study = optuna.create_study()
+    trial = study.ask()
+    result = run_trial(trial, spec, arrays, make_datasets(arrays, 64))
+    study.tell(trial, result.val_loss)
+    frozen = study.trials[0]
+    assert sorted(frozen.intermediate_values) == [1, 2]
+    assert result.val_loss == min(frozen.intermediate_values.values())
+    assert result.keras_val_loss > result.val_loss  # penalty excluded from the objective
+    assert result.gap == pytest.approx(result.val_loss - result.train_loss)
+    attrs = frozen.user_attrs
+    for key in ("val_accuracy", "train_loss", "gap", "best_epoch", "epochs_run", "host",
+                "seconds", "keras_val_loss"):
+        assert key in attrs
+    assert attrs["epochs_run"] == 2 and 1 <= attrs["best_epoch"] <= 2
+
+
+def test_pruned_trial_stops_early_and_keeps_its_attributes(arrays) -> None:
+    class AlwaysPrune(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            return True
+
+    spec = spec_for({"dropout": 0.1, "l2": 1e-4, "augment": 0}, epochs=5)
+    study = optuna.create_study(pruner=AlwaysPrune())
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        run_trial(trial, spec, arrays, make_datasets(arrays, 64))
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    attrs = study.trials[0].user_attrs
+    assert attrs["pruned_at"] == 1 and attrs["epochs_run"] == 1
+
+
+def test_nan_loss_fails_with_a_reason(arrays) -> None:
+    spec = spec_for({"dropout": 0.0, "l2": 0, "augment": 0}, family="user_models:diverges")
+    study = optuna.create_study()
+    with pytest.raises(TrialDiverged, match="loss became nan at epoch 1"):
+        run_trial(study.ask(), spec, arrays, make_datasets(arrays, 64))
+
+
+def test_strength_zero_adds_no_layers_and_flip_only_when_allowed() -> None:
+    assert build_augmentation(Augmentation.from_strength(0.0, flip=True)) is None
+    names = [type(layer).__name__ for layer in
+             build_augmentation(Augmentation.from_strength(0.5)).layers]
+    assert names == ["RandomRotation", "RandomTranslation", "RandomZoom", "RandomContrast"]
+    flipped = build_augmentation(Augmentation.from_strength(0.5, flip=True))
+    assert type(flipped.layers[0]).__name__ == "RandomFlip"
+    only_zoom = build_augmentation(Augmentation(zoom=0.2))
+    assert [type(layer).__name__ for layer in only_zoom.layers] == ["RandomZoom"]
+
+
+def test_augmentation_is_inside_the_model_and_off_at_inference(arrays) -> None:
+    model = build_model(hp_for(arrays, 1e-4, strength=1.0), spec_for({}))
+    assert any(layer.name == "augmentation" for layer in model.layers)
+    x = arrays.x_val[:16]
+    np.testing.assert_allclose(model(x, training=False), model(x, training=False))
+    augmented = model.get_layer("augmentation")(x, training=True)
+    assert not np.allclose(keras.ops.convert_to_numpy(augmented), x)
+
+
+def test_per_layer_dropout_reaches_each_layer(arrays) -> None:
+    spec = spec_for({"dropout": [[0.1, 0.1], [0.4, 0.4]], "l2": 1e-4})
+    hp = with_shape(from_params({}, spec), arrays)
+    model = build_model(hp, spec)
+    rates = [layer.rate for layer in model.get_layer("mlp").layers
+             if isinstance(layer, keras.layers.Dropout)]
+    assert rates == [0.1, 0.4]
+
+
+def test_sampled_names_and_per_transform_ranges() -> None:
+    spec = spec_for({"dropout": [[0, 0.2], [0, 0.3]], "l2": [1e-5, 1e-3],
+                     "augment": {"rotation": [0, 0.1], "contrast": [0, 0.4]},
+                     "learning_rate": [1e-4, 1e-2]})
+    assert param_names(spec) == ["dropout_0", "dropout_1", "l2", "augment_rotation",
+                                 "augment_contrast", "learning_rate"]
+    trial = optuna.create_study().ask()
+    hp = sample(trial, spec)
+    assert set(trial.params) == set(param_names(spec))
+    assert hp.augmentation.zoom == 0 and 0 <= hp.augmentation.rotation <= 0.1
+    assert trial.distributions["l2"].log and trial.distributions["learning_rate"].log
+
+
+def test_user_model_function_family(arrays) -> None:
+    spec = spec_for({"dropout": 0.2, "l2": 1e-4}, family="user_models:tiny")
+    study = optuna.create_study()
+    result = run_trial(study.ask(), spec, arrays, make_datasets(arrays, 64))
+    assert np.isfinite(result.val_loss)

@@ -1,0 +1,170 @@
+"""One trial: build the model, fit it, report every epoch, prune, early-stop, record, save.
+
+The value reported to the pruner, watched by EarlyStopping and returned as the objective is the
+validation cross-entropy *without* the L2 penalty (the compiled metric ``xent``). Keras' own
+``val_loss`` adds ``l2 · Σw²`` and so would bias the search against L2, the knob being tuned;
+it is kept only as the attribute ``keras_val_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import keras
+import optuna
+
+from tuner.augment import build_augmentation
+from tuner.data import Arrays
+from tuner.models import resolve_family
+from tuner.space import Hyperparams, sample
+from tuner.spec import StudySpec
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+MONITOR = "val_xent"
+MODEL_ARTIFACT = "model.keras"
+
+
+class TrialDiverged(RuntimeError):
+    """The loss became NaN or infinite: the trial is failed with this reason."""
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What a finished (complete or pruned) trial measured at its best epoch."""
+
+    val_loss: float
+    val_accuracy: float
+    train_loss: float
+    keras_val_loss: float
+    best_epoch: int
+    epochs_run: int
+    pruned_at: int | None
+    seconds: float
+
+    @property
+    def gap(self) -> float:
+        """Generalization gap: validation loss minus training loss at the best epoch."""
+        return self.val_loss - self.train_loss
+
+    def attrs(self) -> dict[str, float | int | None]:
+        return {"val_accuracy": self.val_accuracy, "train_loss": self.train_loss,
+                "gap": self.gap, "keras_val_loss": self.keras_val_loss,
+                "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
+                "pruned_at": self.pruned_at, "seconds": round(self.seconds, 3)}
+
+
+def build_model(hp: Hyperparams, spec: StudySpec, seed: int | None = None) -> keras.Model:
+    """Augmentation layers in front of the family's network, compiled for the search."""
+    body = resolve_family(spec.model.family)(hp)
+    inputs = keras.Input(hp.input_shape, name="image")
+    x = inputs
+    augmentation = build_augmentation(hp.augmentation, seed=seed)
+    if augmentation is not None:
+        x = augmentation(x)
+    model = keras.Model(inputs, body(x), name=f"tuner_{body.name}")
+    model.compile(
+        optimizer=keras.optimizers.Adam(hp.learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalCrossentropy(name="xent"),
+                 keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    return model
+
+
+def with_shape(hp: Hyperparams, arrays: Arrays) -> Hyperparams:
+    return replace(hp, input_shape=arrays.input_shape, num_classes=arrays.num_classes)
+
+
+class _EpochReporter(keras.callbacks.Callback):
+    """Reports val xent to Optuna each epoch, stops on NaN, and stops when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        super().__init__()
+        self.trial = trial
+        self.history: list[dict[str, float]] = []
+        self.pruned_at: int | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = dict(logs or {})
+        self.history.append(logs)
+        value = logs.get(MONITOR, float("nan"))
+        for key in ("loss", MONITOR):
+            if not math.isfinite(logs.get(key, float("nan"))):
+                raise TrialDiverged(f"{key.replace('xent', 'loss')} became "
+                                    f"{logs.get(key)} at epoch {epoch + 1}")
+        self.trial.report(float(value), epoch + 1)
+        if self.trial.should_prune():
+            self.pruned_at = epoch + 1
+            self.model.stop_training = True
+
+
+def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays,
+              datasets: tuple[tf.data.Dataset, tf.data.Dataset],
+              artifact_store: optuna.artifacts.FileSystemArtifactStore | None = None
+              ) -> TrialResult:
+    """Train one sampled configuration; raises :class:`optuna.TrialPruned` when pruned.
+
+    The trial's attributes are written before returning or raising, so pruned trials carry
+    them too. The best-epoch model of a completed trial is uploaded to ``artifact_store``.
+    """
+    started = time.perf_counter()
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("gpu", os.environ.get("CUDA_VISIBLE_DEVICES", "") or "cpu")
+    hp = with_shape(sample(trial, spec), arrays)
+    seed = None if spec.seed is None else spec.seed + trial.number
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    model = build_model(hp, spec, seed=seed)
+    reporter = _EpochReporter(trial)
+    stopper = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="min",
+                                            patience=spec.model.patience,
+                                            restore_best_weights=True)
+    train_ds, val_ds = datasets
+    try:
+        model.fit(train_ds, validation_data=val_ds, epochs=spec.model.epochs, verbose=0,
+                  shuffle=False,  # the tf.data pipeline shuffles
+                  callbacks=[reporter, stopper])
+        history = reporter.history
+        best = min(range(len(history)), key=lambda i: history[i][MONITOR])
+        result = TrialResult(
+            val_loss=float(history[best][MONITOR]),
+            val_accuracy=float(history[best]["val_accuracy"]),
+            train_loss=float(history[best]["xent"]),
+            keras_val_loss=float(history[best]["val_loss"]),
+            best_epoch=best + 1,
+            epochs_run=len(history),
+            pruned_at=reporter.pruned_at,
+            seconds=time.perf_counter() - started,
+        )
+        for key, value in result.attrs().items():
+            trial.set_user_attr(key, value)
+        if result.pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned at epoch {result.pruned_at}")
+        if artifact_store is not None:
+            save_model_artifact(model, trial, artifact_store)
+        return result
+    finally:
+        del model
+        keras.backend.clear_session()
+
+
+def save_model_artifact(model: keras.Model, trial: optuna.Trial,
+                        artifact_store: optuna.artifacts.FileSystemArtifactStore) -> str:
+    """Upload the (best-epoch) model as ``model.keras``; its id is kept as ``model_artifact``."""
+    with tempfile.TemporaryDirectory(prefix="tuner-") as tmp:
+        path = Path(tmp) / MODEL_ARTIFACT
+        model.save(path)
+        artifact_id = optuna.artifacts.upload_artifact(
+            artifact_store=artifact_store, file_path=str(path), study_or_trial=trial,
+            mimetype="application/octet-stream")
+    trial.set_user_attr("model_artifact", artifact_id)
+    return artifact_id
