@@ -1,0 +1,125 @@
+"""Which child gets which device, and what happens when one exits: the supervisor's decisions,
+checked with explicit device lists (no GPU needed), and the study-wide budget lock."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import run_tuner, write_study
+
+from tuner.errors import UserError
+from tuner.supervisor import (
+    EXIT_CRASHED,
+    EXIT_DONE,
+    EXIT_STOPPED,
+    MAX_RESTARTS,
+    STABLE_SECONDS,
+    Slot,
+    next_step,
+    parse_gpus,
+    plan_children,
+)
+
+
+def test_gpus_none_and_explicit_lists() -> None:
+    assert parse_gpus("none") == []
+    assert parse_gpus("0,2") == ["0", "2"]
+    assert parse_gpus(" 3 ") == ["3"]
+    assert parse_gpus("GPU-8f6e2c1a-1b2c-3d4e") == ["GPU-8f6e2c1a-1b2c-3d4e"]
+
+
+def test_gpus_all_honours_cuda_visible_devices_without_probing() -> None:
+    assert parse_gpus("all", visible="1,3") == ["1", "3"]
+    assert parse_gpus("all", visible="") == []  # the user hid every GPU: CPU
+    assert parse_gpus("all", visible="-1") == []
+    assert parse_gpus("all", visible=None, discover=False) == []
+
+
+@pytest.mark.parametrize("text", ["0,,2", "a", "0;1", "1,1", "-1"])
+def test_bad_gpu_lists_are_user_errors(text: str) -> None:
+    with pytest.raises(UserError, match="--gpus"):
+        parse_gpus(text)
+
+
+def test_one_child_per_gpu() -> None:
+    slots = plan_children(["0", "2"])
+    assert slots == [Slot(0, "0"), Slot(1, "2")]
+    assert [s.label for s in slots] == ["gpu0", "gpu2"]
+
+
+def test_k_children_per_gpu_are_spread_gpu_by_gpu() -> None:
+    slots = plan_children(["0", "1"], trials_per_gpu=3)
+    assert [s.device for s in slots] == ["0", "0", "0", "1", "1", "1"]
+    assert [s.index for s in slots] == list(range(6))  # distinct seed offsets
+    assert [s.label for s in slots] == ["gpu0", "gpu0.1", "gpu0.2", "gpu1", "gpu1.1", "gpu1.2"]
+
+
+def test_no_gpu_means_cpu_children() -> None:
+    assert plan_children([]) == [Slot(0, "")]
+    assert [s.label for s in plan_children([], 2)] == ["cpu", "cpu.1"]
+    with pytest.raises(UserError):
+        plan_children(["0"], 0)
+
+
+def test_clean_exit_and_stop_requests_are_never_restarted() -> None:
+    assert next_step(EXIT_DONE, 0, 5.0, stopping=False) == ("done", 0.0)
+    assert next_step(-signal.SIGKILL, 0, 5.0, stopping=True) == ("done", 0.0)
+
+
+def test_a_child_that_stopped_with_a_message_is_not_restarted() -> None:
+    assert next_step(EXIT_STOPPED, 0, 5.0, stopping=False)[0] == "stopped"
+    assert next_step(2, 0, 5.0, stopping=False)[0] == "stopped"
+
+
+def test_killed_or_crashed_children_restart_with_growing_pauses_then_give_up() -> None:
+    pauses = [next_step(-signal.SIGKILL, n, 5.0, stopping=False) for n in range(MAX_RESTARTS)]
+    assert all(action == "restart" for action, _ in pauses)
+    assert [p for _, p in pauses] == sorted(p for _, p in pauses) and pauses[0][1] >= 1
+    assert next_step(EXIT_CRASHED, MAX_RESTARTS, 5.0, stopping=False) == ("give-up", 0.0)
+    # a child that ran well for a long time before dying gets a fresh count
+    assert next_step(-signal.SIGSEGV, MAX_RESTARTS, STABLE_SECONDS, False)[0] == "restart"
+
+
+def _claim_many(url: str, study_name: str, budget: int, out: multiprocessing.Queue) -> None:
+    from tuner.storage import open_storage
+    from tuner.worker import claim_trial
+
+    storage = open_storage(url)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    numbers = []
+    while (trial := claim_trial(study, storage, budget)) is not None:
+        numbers.append(trial.number)
+        study.tell(trial, 1.0)
+    out.put(numbers)
+
+
+def test_budget_is_exact_with_racing_processes(pg_url: str) -> None:
+    """Six processes ask as fast as they can: exactly the budget is created, no overshoot."""
+    optuna.create_study(study_name="race", storage=pg_url)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim_many, args=(pg_url, "race", 25, out)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    numbers = sorted(n for _ in procs for n in out.get(timeout=120))
+    for p in procs:
+        p.join(timeout=60)
+    assert numbers == list(range(25))
+    states = [t.state.name for t in optuna.load_study(study_name="race",
+                                                        storage=pg_url).trials]
+    assert states == ["COMPLETE"] * 25
+
+
+def test_unknown_study_is_a_user_error_before_any_child_starts(tmp_path: Path,
+                                                               pg_url: str) -> None:
+    write_study(tmp_path, "known")
+    assert run_tuner("create", str(tmp_path / "known.toml"), "--storage", pg_url).returncode == 0
+    result = run_tuner("worker", "--study", "knwon", "--storage", pg_url, "--gpus", "none")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "tuner: error: unknown study 'knwon': did you mean 'known'?"]
+    assert "started process" not in result.stdout

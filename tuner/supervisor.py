@@ -1,0 +1,396 @@
+"""``tuner worker``: one child process per GPU slot, pinned, restarted, stopped cleanly.
+
+The parent never imports TensorFlow and holds no database connection while its children
+work: it finds the GPUs (``nvidia-smi -L`` or an existing ``CUDA_VISIBLE_DEVICES``), plans the
+children (:func:`plan_children`, a pure function), and starts each as
+``python -m tuner.supervisor --child ...`` with ``CUDA_VISIBLE_DEVICES`` set to its GPU alone.
+The storage URL travels in the child's environment (``TUNER_STORAGE``), never on a command
+line, so the password never shows in ``ps``.
+
+A child that dies abnormally (killed, crashed) is started again after a pause that doubles up
+to a cap (:func:`next_step`); its trial is failed and retried by whichever worker looks next.
+A child that exits 0 is done (the study's budget is spent, or its ``--n-trials`` /
+``--timeout`` cap is reached); one that stops with a message (five failed trials in a row,
+an unknown study) is not restarted, and the parent repeats its message and exits 1 at the end.
+SIGTERM or SIGINT to the parent is forwarded as SIGTERM; each child gives its running trial
+back and exits, and the parent exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from tuner.errors import RuntimeFailure, TunerError, UserError
+
+MAX_RESTARTS = 5
+STABLE_SECONDS = 600.0  # a child that ran this long before dying starts a fresh restart count
+STOP_GRACE_SECONDS = 20.0  # after a stop request, children still alive this long are killed
+EXIT_DONE, EXIT_STOPPED, EXIT_CRASHED = 0, 3, 70
+_DEVICE = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9A-Za-z/-]+)$")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One child process: its place on this node and the GPU it sees ("" = CPU only)."""
+
+    index: int
+    device: str
+    ordinal: int = 0  # which of the --trials-per-gpu processes on this device
+
+    @property
+    def label(self) -> str:
+        """How its output lines start: gpu0, gpu0.1 (the second on GPU 0), cpu, cpu.1."""
+        base = f"gpu{self.device}" if self.device else "cpu"
+        return f"{base}.{self.ordinal}" if self.ordinal else base
+
+
+def parse_gpus(text: str, visible: str | None = None,
+               discover: bool = True) -> list[str]:
+    """``--gpus`` → device ids. ``all``: ``visible`` (``$CUDA_VISIBLE_DEVICES``) if set, else
+    every GPU ``nvidia-smi -L`` lists; ``none`` (or no GPU found): ``[]``, i.e. the CPU."""
+    text = text.strip()
+    if text == "none":
+        return []
+    if text == "all":
+        if visible is not None:
+            return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+        return _nvidia_smi_gpus() if discover else []
+    devices = [d.strip() for d in text.split(",")]
+    bad = [d for d in devices if not _DEVICE.match(d)]
+    if bad:
+        raise UserError(f"--gpus: {bad[0]!r} is not a GPU index or UUID; expected all, none, "
+                        "or a list like 0,2")
+    if len(set(devices)) != len(devices):
+        raise UserError(f"--gpus: {text!r} names a GPU twice; use --trials-per-gpu K to run "
+                        "K processes on each GPU")
+    return devices
+
+
+def plan_children(devices: list[str], trials_per_gpu: int = 1) -> list[Slot]:
+    """``trials_per_gpu`` children per device, GPU by GPU; no device → that many CPU children."""
+    if trials_per_gpu < 1:
+        raise UserError(f"--trials-per-gpu must be at least 1, got {trials_per_gpu}")
+    pairs = [(d, k) for d in devices or [""] for k in range(trials_per_gpu)]
+    return [Slot(i, d, k) for i, (d, k) in enumerate(pairs)]
+
+
+def next_step(returncode: int, restarts: int, uptime: float, stopping: bool
+              ) -> tuple[str, float]:
+    """What to do about a child that exited: ``("done"|"stopped"|"restart"|"give-up", pause)``.
+
+    ``restarts`` counts this slot's earlier restarts since it was last stable.
+    """
+    if returncode == EXIT_DONE or stopping:
+        return "done", 0.0
+    if returncode in (EXIT_STOPPED, 1, 2):
+        return "stopped", 0.0
+    if uptime >= STABLE_SECONDS:
+        restarts = 0
+    if restarts >= MAX_RESTARTS:
+        return "give-up", 0.0
+    return "restart", min(2.0 ** restarts, 30.0)
+
+
+@dataclass
+class _Child:
+    slot: Slot
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restarts: int = 0
+    incarnation: int = 0
+    restart_at: float | None = None
+    outcome: str = ""
+    message: str = ""
+    report: Path = field(default_factory=Path)
+
+
+def run_worker_command(url: str, study: str, *, gpus: str = "all", trials_per_gpu: int = 1,
+                       n_trials: int | None = None, timeout: float | None = None,
+                       artifacts: str | None = None) -> int:
+    """Check the study, start the children, supervise them until all are done; exit code."""
+    _check_study(url, study)
+    devices = parse_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    slots = plan_children(devices, trials_per_gpu)
+    host = socket.gethostname()
+    print(f"Worker on {host} (pid {os.getpid()}): study {study!r}, {len(slots)} process"
+          f"{'es' if len(slots) > 1 else ''} on "
+          f"{', '.join(s.label for s in slots)}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="tuner-worker-") as tmp:
+        supervisor = _Supervisor(url, study, slots, Path(tmp), n_trials=n_trials,
+                                 timeout=timeout, artifacts=artifacts)
+        return supervisor.run()
+
+
+class _Supervisor:
+    def __init__(self, url: str, study: str, slots: list[Slot], tmp: Path, *,
+                 n_trials: int | None, timeout: float | None, artifacts: str | None) -> None:
+        self.url, self.study, self.tmp = url, study, tmp
+        self.n_trials, self.timeout, self.artifacts = n_trials, timeout, artifacts
+        self.children = [_Child(s, report=tmp / f"child-{s.index}.txt") for s in slots]
+        self.stopping: str | None = None
+        self.stop_deadline = 0.0
+        self.salt = zlib.crc32(f"{socket.gethostname()}/{os.getpid()}".encode()) % 100_000
+
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for child in self.children:
+                if self.stopping:
+                    break
+                self._start(child)
+            while any(c.outcome == "" for c in self.children):
+                self._tick()
+                time.sleep(0.2)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return self._finish()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping is None:
+            self.stopping = name
+            self.stop_deadline = time.monotonic() + STOP_GRACE_SECONDS
+            print(f"Received {name}: the running trials are given back, stopping", flush=True)
+            self._send(signal.SIGTERM)
+        else:
+            self._send(signal.SIGKILL)  # asked twice: do not wait (trials retried via heartbeat)
+
+    def _send(self, sig: signal.Signals) -> None:
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                try:
+                    child.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.stopping and now > self.stop_deadline:
+            self._send(signal.SIGKILL)
+        for child in self.children:
+            if child.outcome:
+                continue
+            if child.proc is None:
+                if self.stopping:
+                    child.outcome = "done"
+                elif child.restart_at is not None and now >= child.restart_at:
+                    self._start(child)
+                continue
+            rc = child.proc.poll()
+            if rc is None:
+                continue
+            uptime = now - child.started
+            action, pause = next_step(rc, child.restarts, uptime, self.stopping is not None)
+            label = f"[{child.slot.label}]"
+            if action == "restart":
+                child.restarts = 0 if uptime >= STABLE_SECONDS else child.restarts
+                child.restarts += 1
+                child.proc, child.restart_at = None, now + pause
+                print(f"{label} process {_describe_exit(rc)}; restarting in {pause:g}s "
+                      f"(restart {child.restarts} of {MAX_RESTARTS})", flush=True)
+            elif action == "give-up":
+                child.outcome = "failed"
+                child.message = (f"{label} process {_describe_exit(rc)} {MAX_RESTARTS + 1} "
+                                 "times in a row; not restarting it")
+                print(child.message, flush=True)
+            elif action == "stopped":
+                child.outcome = "failed"
+                child.message = f"{label} {_read(child.report) or 'stopped: ' + _describe_exit(rc)}"
+            else:
+                child.outcome = "done"
+
+    def _start(self, child: _Child) -> None:
+        slot = child.slot
+        child.incarnation += 1
+        env = {**os.environ, "TUNER_STORAGE": self.url, "CUDA_VISIBLE_DEVICES": slot.device,
+               "PYTHONUNBUFFERED": "1", "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+               "TUNER_CHILD_REPORT": str(child.report)}
+        seed_offset = self.salt * 1000 + slot.index * 50 + child.incarnation
+        args = [sys.executable, "-m", "tuner.supervisor", "--child", "--study", self.study,
+                "--label", slot.label, "--seed-offset", str(seed_offset)]
+        if self.n_trials is not None:
+            args += ["--n-trials", str(self.n_trials)]
+        if self.timeout is not None:
+            args += ["--timeout", f"{self.timeout:g}"]
+        if self.artifacts:
+            args += ["--artifacts", self.artifacts]
+        child.report.unlink(missing_ok=True)
+        child.proc = subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)
+        child.started, child.restart_at = time.monotonic(), None
+        print(f"[{slot.label}] started process {child.proc.pid}", flush=True)
+
+    def _finish(self) -> int:
+        if self.stopping:
+            print("Stopped: the running trials were given back; start the worker again to "
+                  "resume.", flush=True)
+            return 0
+        failed = [c.message for c in self.children if c.outcome == "failed"]
+        if failed:
+            raise RuntimeFailure("; ".join(failed))
+        print("Done: every process of this worker has finished.", flush=True)
+        return 0
+
+
+def _check_study(url: str, study: str) -> None:
+    """Fail fast in the parent (unknown study, unreachable database); hold no connection."""
+    from tuner import study as studies
+    from tuner.storage import open_storage
+
+    storage = open_storage(url, heartbeat=False)
+    try:
+        studies.load(study, storage)
+    finally:
+        storage.engine.dispose()
+
+
+def _nvidia_smi_gpus() -> list[str]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [m.group(1) for m in re.finditer(r"^GPU (\d+):", out.stdout, re.MULTILINE)]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the supervisor dies (Linux), never orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited with code {rc}"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+
+
+# --- the child process -------------------------------------------------------------------------
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    """One worker loop on the device the parent chose; exit codes per :func:`next_step`."""
+    parser = argparse.ArgumentParser(prog="tuner worker (child)")
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--study", required=True)
+    parser.add_argument("--label", required=True)
+    parser.add_argument("--seed-offset", type=int, default=0)
+    parser.add_argument("--n-trials", type=int)
+    parser.add_argument("--timeout", type=float)
+    parser.add_argument("--artifacts")
+    args = parser.parse_args(argv)
+    prefix = f"[{args.label}]"
+    _quiet(prefix)
+    report = os.environ.get("TUNER_CHILD_REPORT")
+    from tuner.worker import Interrupted
+
+    try:
+        with _early_interrupts():
+            return _child_work(args, prefix)
+    except Interrupted:
+        print(f"{prefix} stopped; its running trial (if any) was given back", flush=True)
+        return EXIT_DONE
+    except TunerError as exc:
+        print(f"tuner: error: {prefix} {exc}", file=sys.stderr, flush=True)
+        if report:
+            Path(report).write_text(str(exc), encoding="utf-8")
+        return EXIT_STOPPED
+    except Exception as exc:  # noqa: BLE001 - a crash: the parent restarts this process
+        import traceback
+
+        traceback.print_exc()
+        print(f"tuner: {prefix} crashed: {type(exc).__name__}: {exc}", file=sys.stderr,
+              flush=True)
+        return EXIT_CRASHED
+
+
+def _child_work(args: argparse.Namespace, prefix: str) -> int:
+    from tuner.report import format_outcome
+    from tuner.storage import open_storage, resolve_url
+    from tuner.worker import work
+
+    storage = open_storage(resolve_url())
+    epochs = _epochs(storage, args.study)
+    print(f"{prefix} process {os.getpid()} working on study {args.study!r}", flush=True)
+    summary = work(storage, args.study, n_trials=args.n_trials, timeout=args.timeout,
+                   artifacts=args.artifacts, seed_offset=args.seed_offset,
+                   progress=lambda o: print(f"{prefix} {format_outcome(o, epochs)}",
+                                            flush=True))
+    print(f"{prefix} done after {summary.trials_run} trial"
+          f"{'' if summary.trials_run == 1 else 's'}: {summary.stopped_because}", flush=True)
+    return EXIT_DONE
+
+
+def _epochs(storage: object, study: str) -> int:
+    from tuner import study as studies
+
+    return studies.load(study, storage)[1].model.epochs  # type: ignore[arg-type]
+
+
+class _early_interrupts:  # noqa: N801 - a context manager
+    """SIGTERM/SIGINT before the worker loop takes over (importing TensorFlow, loading data)."""
+
+    def __enter__(self) -> None:
+        from tuner.worker import Interrupted
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            raise Interrupted(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _quiet(prefix: str) -> None:
+    import logging
+    import warnings
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.WARNING, format=f"tuner: {prefix} %(message)s")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notes mean nothing here
+    warnings.filterwarnings("ignore", module=r"optuna(\..*)?$")
+    warnings.filterwarnings("ignore", message=r".*Heartbeat of storage.*")
+    warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed.*")
+    warnings.filterwarnings("ignore", message=r".*is experimental.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())
