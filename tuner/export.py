@@ -1,0 +1,63 @@
+"""Take the winner into production: the best trial's best-epoch model as a ``.keras`` file.
+
+Every completed trial uploaded its best-epoch model as an Optuna artifact (see
+:func:`tuner.trial.save_model_artifact`), so exporting is a download, not a retrain. No
+TensorFlow is needed here: the file is copied as stored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import optuna
+from optuna.artifacts.exceptions import ArtifactNotFound
+
+from tuner.errors import RuntimeFailure, UserError
+from tuner.storage import artifacts_dir
+from tuner.study import ARTIFACTS_ATTR
+
+MODEL_ATTR = "model_artifact"
+
+
+def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
+                      artifacts_override: str | None = None) -> Path:
+    """Write the best trial's saved model to ``path`` (a ``.keras`` file or a directory).
+
+    An existing file is replaced atomically; a half-written file is never left behind.
+    """
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise RuntimeFailure(f"study {study.study_name!r} has no completed trial yet: nothing "
+                             "to export (see `tuner status`)") from None
+    dest = Path(path).expanduser()
+    if dest.is_dir():
+        dest = dest / f"{study.study_name}-trial{best.number}.keras"
+    if dest.suffix != ".keras":
+        raise UserError(f"--export-model {path}: the file name must end in .keras (Keras "
+                        "reads the format from the extension)")
+    artifact_id = best.user_attrs.get(MODEL_ATTR)
+    if not artifact_id:
+        raise RuntimeFailure(f"best trial #{best.number} of study {study.study_name!r} has no "
+                             "saved model (it finished without an artifact store)")
+    store_dir = artifacts_dir(artifacts_override, study.user_attrs.get(ARTIFACTS_ATTR))
+    missing = (f"the saved model of best trial #{best.number} (artifact {artifact_id}) is "
+               f"missing: looked in {store_dir.resolve()}")
+    if not store_dir.is_dir():
+        raise RuntimeFailure(f"{missing}, which does not exist; pass --artifacts DIR if the "
+                             "models were moved")
+    store = optuna.artifacts.FileSystemArtifactStore(str(store_dir))
+    partial = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    try:
+        optuna.artifacts.download_artifact(artifact_store=store, file_path=str(partial),
+                                           artifact_id=artifact_id)
+        os.replace(partial, dest)
+    except ArtifactNotFound:
+        raise RuntimeFailure(f"{missing}; was it deleted? pass --artifacts DIR if the models "
+                             "were moved") from None
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot write {dest}: {exc.strerror or exc}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return dest.resolve()
