@@ -1,0 +1,192 @@
+"""One tuner trial, phase by phase, through tuner's public functions (for bench_overhead).
+
+It does what ``tuner run`` does for a one-trial study (open the storage, create the study,
+load the data once, claim a trial under the budget lock, run it, tell it) and stamps the wall
+clock between phases. Every SQL statement is counted and timed with SQLAlchemy's engine events,
+so "storage round trips" is measured, not estimated. Prints ``BENCH_JSON {...}``.
+"""
+
+from __future__ import annotations
+
+import time
+
+T_MAIN = time.time()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class _SqlClock:
+    """Counts statements and seconds spent in the database, per phase."""
+
+    def __init__(self) -> None:
+        self.phase = "setup"
+        self.count: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self._start: dict[int, float] = {}
+
+    def attach(self, engine) -> None:  # noqa: ANN001
+        from sqlalchemy import event
+
+        event.listen(engine, "before_cursor_execute", self._before)
+        event.listen(engine, "after_cursor_execute", self._after)
+        event.listen(engine, "commit", self._commit)
+
+    def _before(self, conn, cursor, statement, params, context, many) -> None:  # noqa: ANN001
+        self._start[id(cursor)] = time.perf_counter()
+
+    def _after(self, conn, cursor, statement, params, context, many) -> None:  # noqa: ANN001
+        took = time.perf_counter() - self._start.pop(id(cursor), time.perf_counter())
+        self.count[self.phase] = self.count.get(self.phase, 0) + 1
+        self.seconds[self.phase] = self.seconds.get(self.phase, 0.0) + took
+
+    def _commit(self, conn) -> None:  # noqa: ANN001
+        self.count[self.phase] = self.count.get(self.phase, 0) + 1
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--study-file", required=True)
+    p.add_argument("--storage", required=True)
+    p.add_argument("--artifacts", required=True)
+    p.add_argument("--warm", type=int, default=0,
+                   help="instead: N interleaved bare-fit / tuner-trial pairs in this process")
+    args = p.parse_args()
+    if args.warm:
+        _warm(args)
+        return
+    stamps = {"main": T_MAIN}
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from tuner import study as studies
+    from tuner.spec import load_spec
+    from tuner.storage import open_storage
+    from tuner.worker import artifact_store, claim_trial
+    stamps["imports"] = time.time()
+
+    from tuner.tfsetup import init_tensorflow
+
+    init_tensorflow()
+    from tuner.data import load_arrays, make_datasets
+    from tuner.trial import run_trial
+    stamps["tensorflow"] = time.time()
+
+    sql = _SqlClock()
+    spec = load_spec(args.study_file)
+    storage = open_storage(args.storage)
+    sql.attach(storage.engine)
+    sql.phase = "storage"
+    study, _ = studies.create_or_resume(spec, storage, args.artifacts)
+    study, spec = studies.load(spec.name, storage)
+    stamps["storage"] = time.time()
+
+    sql.phase = "data"
+    arrays = load_arrays(spec.data, seed=spec.seed or 0)
+    datasets = make_datasets(arrays, spec.model.batch_size, seed=spec.seed or 0)
+    store = artifact_store(study, args.artifacts)
+    stamps["data"] = time.time()
+
+    sql.phase = "claim"
+    trial = claim_trial(study, storage, spec.n_trials)
+    stamps["claim"] = time.time()
+
+    # The last per-epoch report marks the end of fit; what follows is recording + artifact.
+    epoch_ends: list[float] = []
+    at_last_report: dict[str, float] = {}
+    report = trial.report
+
+    def timed_report(value: float, step: int) -> None:
+        report(value, step)
+        epoch_ends.append(time.time())
+        at_last_report.update(count=sql.count.get("fit", 0), seconds=sql.seconds.get("fit", 0))
+
+    trial.report = timed_report  # type: ignore[method-assign]
+    sql.phase = "fit"
+    result = run_trial(trial, spec, arrays, datasets, store)
+    stamps["fit"] = epoch_ends[-1]
+    stamps["after_fit"] = time.time()
+    sql.count["after_fit"] = sql.count.pop("fit") - int(at_last_report["count"])
+    sql.seconds["after_fit"] = sql.seconds.pop("fit") - at_last_report["seconds"]
+    sql.count["fit"] = int(at_last_report["count"])
+    sql.seconds["fit"] = at_last_report["seconds"]
+    sql.phase = "tell"
+    study.tell(trial, result.val_loss)
+    assert study.trials[-1].state == TrialState.COMPLETE
+    stamps["tell"] = time.time()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print("BENCH_JSON " + json.dumps({
+        "stamps": stamps, "sql_count": sql.count, "sql_seconds": sql.seconds,
+        "epochs_run": result.epochs_run, "val_loss": result.val_loss}), flush=True)
+
+
+def _warm(args) -> None:  # noqa: ANN001
+    """Per-trial cost in a warm worker: imports, storage and data are paid once per process.
+
+    Alternates a bare ``build_model`` + ``model.fit`` (the identical network, no tuner) with a
+    full tuner trial (claim under the budget lock, run_trial with per-epoch reports and the
+    artifact, tell), after one untimed warm-up fit, and prints both lists of seconds.
+    """
+    import keras
+
+    from tuner import study as studies
+    from tuner.spec import load_spec
+    from tuner.storage import open_storage
+    from tuner.tfsetup import init_tensorflow
+    from tuner.worker import artifact_store, claim_trial
+
+    init_tensorflow()
+    from tuner.data import load_arrays, make_datasets
+    from tuner.space import sample
+    from tuner.trial import build_model, run_trial, with_shape
+
+    spec = load_spec(args.study_file)
+    storage = open_storage(args.storage)
+    studies.create_or_resume(spec, storage, args.artifacts)
+    study, spec = studies.load(spec.name, storage)
+    arrays = load_arrays(spec.data, seed=spec.seed or 0)
+    datasets = make_datasets(arrays, spec.model.batch_size, seed=spec.seed or 0)
+    store = artifact_store(study, args.artifacts)
+    hp = with_shape(sample(optuna_fixed(), spec), arrays)
+
+    def bare() -> float:
+        t = time.perf_counter()
+        keras.utils.set_random_seed(spec.seed or 0)
+        model = build_model(hp, spec, seed=spec.seed)
+        model.fit(datasets[0], validation_data=datasets[1], epochs=spec.model.epochs,
+                  verbose=0)
+        took = time.perf_counter() - t
+        del model
+        keras.backend.clear_session()
+        return took
+
+    def trial() -> float:
+        t = time.perf_counter()
+        tr = claim_trial(study, storage, spec.n_trials)
+        result = run_trial(tr, spec, arrays, datasets, store)
+        study.tell(tr, result.val_loss)
+        return time.perf_counter() - t
+
+    bare()  # warm-up: first-call imports and one-time TensorFlow set-up
+    bares, trials = [], []
+    for _ in range(args.warm):
+        bares.append(bare())
+        trials.append(trial())
+    print("BENCH_JSON " + json.dumps({"bare": bares, "tuner": trials}), flush=True)
+
+
+def optuna_fixed():  # noqa: ANN201
+    """Stands in for a trial when every knob is fixed (nothing is suggested)."""
+    class _Fixed:
+        def suggest_float(self, name: str, low: float, high: float, *, log: bool = False):
+            raise AssertionError(f"{name} is not fixed in the overhead study")
+
+    return _Fixed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Run every benchmark, one after another, and write ``benchmarks/RESULTS.md`` from their JSON.
+
+    .venv/bin/python benchmarks/run_all.py            # the full suite (about 20-25 min, 2 cores)
+    .venv/bin/python benchmarks/run_all.py --quick    # every script at its smallest size
+    .venv/bin/python benchmarks/run_all.py --only storage pruning   # rerun some, then report
+
+``--quick`` and ``--out`` pass through to every script. A full run rewrites RESULTS.md (give
+``--results PATH`` to write elsewhere, or ``--no-results``); a quick run writes it only when
+``--results`` is given, since quick numbers mean little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import machine, table  # noqa: E402
+
+# bench_status belongs with the inspection verbs; it joins the suite when it exists.
+SCRIPTS = ["bench_overhead", "bench_epochs", "bench_storage", "bench_pruning", "bench_quality",
+           "bench_scaling", "bench_status"]
+RESULT_NAMES = {"bench_overhead": "overhead", "bench_epochs": "epochs",
+                "bench_storage": "storage", "bench_pruning": "pruning",
+                "bench_quality": "quality", "bench_scaling": "scaling",
+                "bench_status": "status"}
+TITLES = {"overhead": "1. Trial overhead", "epochs": "2. Epoch-start stalls",
+          "storage": "3. Storage at scale", "pruning": "4. Pruning savings",
+          "quality": "5. Search quality against peers", "scaling": "6. Scaling with workers",
+          "status": "7. Inspection verbs"}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="every script at its smallest size")
+    p.add_argument("--out", type=Path, default=HERE / "out", help="JSON output directory")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these (e.g. storage)")
+    p.add_argument("--results", type=Path, help="where to write the Markdown report")
+    p.add_argument("--no-results", action="store_true", help="write no Markdown report")
+    p.add_argument("--note", default="", help="a line to put at the top of the report")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the report from the JSON already in --out")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    scripts = [s for s in SCRIPTS if (HERE / f"{s}.py").is_file()]
+    if args.only:
+        scripts = [s for s in scripts if any(o in s for o in args.only)]
+    if args.report_only:
+        scripts = []
+    timings: dict[str, float] = {}
+    failed = []
+    started = time.time()
+    for script in scripts:
+        cmd = [sys.executable, str(HERE / f"{script}.py"), "--out", str(args.out)]
+        cmd += ["--quick"] if args.quick else []
+        print(f"== {script} ==", flush=True)
+        t0 = time.time()
+        rc = subprocess.call(cmd)
+        timings[script] = time.time() - t0
+        print(f"== {script}: exit {rc}, {timings[script]:.0f}s ==\n", flush=True)
+        if rc != 0:
+            failed.append(script)
+    print(f"benchmarks run: {time.time() - started:.0f}s"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    # Seconds per script accumulate across runs into one out dir (e.g. --only reruns).
+    record = args.out / "run_all.json"
+    earlier = json.loads(record.read_text()) if record.is_file() else {}
+    if earlier.get("quick") == args.quick:
+        timings = {**earlier.get("seconds", {}), **timings}
+    total = sum(timings.values())
+    record.write_text(json.dumps({"quick": args.quick, "seconds": timings,
+                                  "total_seconds": total, "failed": failed}, indent=2))
+    if not args.no_results and (args.results or not args.quick):
+        path = args.results or HERE / "RESULTS.md"
+        path.write_text(render(args.out, timings, total, args.quick, args.note))
+        print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+def _goals(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    rows = []
+    if o := results.get("overhead"):
+        rows.append(("trial overhead", "wall b/a <= 1.05",
+                     f"wall {o['wall_ratio']:.3f}, build+fit {o['fit_ratio']:.3f}",
+                     "met" if o["wall_ratio"] <= 1.05 else "missed"))
+    if e := results.get("epochs"):
+        worst = max(t["worst_over_median"] for t in e["trials"])
+        rows.append(("epoch stalls", "worst epoch after the 1st <= 1.5x median",
+                     f"worst {worst:.2f}x", "met" if worst <= 1.5 else "missed"))
+    if s := results.get("storage"):
+        g = s["goal"]["tuner"]
+        key = next(k for k in g if k.startswith("p50_ms_at_"))
+        flat = g["growth_smallest_to_largest"] < 0.5 * g["history_growth"]
+        rows.append(("storage latency", f"p50 < 50 ms at {key[len('p50_ms_at_'):]} trials, "
+                     "flat growth",
+                     f"{g[key]:.1f} ms; p50 x{g['growth_smallest_to_largest']:.2f} for "
+                     f"x{g['history_growth']:.0f} history; "
+                     f"connections at {max(s['worker_counts'])} workers: "
+                     f"{s['peak_connections_at_max_workers']}",
+                     "met" if g[key] < 50 and flat else "missed"))
+    if pr := results.get("pruning"):
+        for name in ("median", "hyperband"):
+            q = pr["per_pruner"][name]
+            rows.append((f"pruning ({name})", ">= 3x fewer epochs, best val_loss within 2 %",
+                         f"{q['epoch_saving_vs_none']:.2f}x fewer epochs, val_loss "
+                         f"x{q['best_val_loss_vs_none']:.3f}",
+                         "met" if q["goal_met"] else "missed"))
+    if q := results.get("quality"):
+        for peer, g in q["goal"].items():
+            s = q["summary"]
+            rows.append((f"quality vs {peer}", "val_loss <= peer, less wall time",
+                         f"{s['tuner']['best_val_loss']['mean']:.4f} vs "
+                         f"{s[peer]['best_val_loss']['mean']:.4f}; "
+                         f"{s['tuner']['wall_s']['mean']:.0f}s vs "
+                         f"{s[peer]['wall_s']['mean']:.0f}s",
+                         "met" if g["loss_at_least_as_good"] and g["less_wall_time"]
+                         else "missed"))
+    if sc := results.get("scaling"):
+        r = sc["runs"]
+        rows.append(("scaling 1 → 2 workers", "(no goal) trials/h",
+                     f"{r[0]['trials_per_hour_steady']:.0f} → "
+                     f"{r[-1]['trials_per_hour_steady']:.0f} trials/h steady", "-"))
+    return rows
+
+
+def render(out: Path, timings: dict[str, float], total: float, quick: bool, note: str) -> str:
+    results = {}
+    for script in SCRIPTS:
+        path = out / f"{RESULT_NAMES[script]}.json"
+        if path.is_file():
+            results[RESULT_NAMES[script]] = json.loads(path.read_text())
+    m = next(iter(results.values()), {}).get("machine") or machine()
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    cmd = ".venv/bin/python benchmarks/run_all.py" + (" --quick" if quick else "")
+    lines = ["# Benchmark results", ""]
+    if note:
+        lines += [f"> {note}", ""]
+    lines += [
+        f"Command: `{cmd}` (all of the below, one session; {total / 60:.1f} min).",
+        "Each section names its own script, which reruns it alone.", "",
+        "## Machine", "",
+        f"- {m['nproc']} CPU cores: {m['cpu']}; {m['memory_gib']} GiB memory; no GPU",
+        f"- Python {m['python']} on {m['platform']}",
+        f"- {versions}",
+        f"- load average when the first benchmark started: "
+        f"{', '.join(f'{x:.2f}' for x in m['load_average'])}",
+        "- PostgreSQL 15 on the same machine (127.0.0.1, shares the 2 cores)", "",
+        "## Goals", "",
+        table(["benchmark", "goal", "measured", "verdict"], _goals(results)), ""]
+    for name, result in results.items():
+        script = next(s for s, n in RESULT_NAMES.items() if n == name)
+        lines += [f"## {TITLES.get(name, name)}", "",
+                  f"`.venv/bin/python benchmarks/{script}.py{' --quick' if quick else ''}` "
+                  f"({timings.get(script, 0):.0f}s; measured {result.get('measured_at', '?')})",
+                  ""]
+        for t in result.get("tables", []):
+            lines += [t, ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Every benchmark runs at its smallest size (``--quick``) so that none can rot.
+
+These check that each script finishes and writes JSON with the keys the report is built from;
+they never assert a timing (benchmarks are not tests, and this machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+EXPECTED = {
+    "bench_overhead": ("overhead", {"wall_ratio", "fit_ratio", "bare", "tuner", "probes"}),
+    "bench_epochs": ("epochs", {"trials", "goal_met"}),
+    "bench_storage": ("storage", {"cells", "history_reads", "goal", "add_trials_per_s",
+                                  "peak_connections_at_max_workers"}),
+    "bench_pruning": ("pruning", {"runs", "per_pruner"}),
+    "bench_quality": ("quality", {"runs", "summary", "goal"}),
+    "bench_scaling": ("scaling", {"runs", "projection"}),
+}
+COMMON = {"benchmark", "quick", "command", "machine", "tables"}
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench-out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(EXPECTED))
+def test_benchmark_runs_quick(script: str, out_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--quick", "--out",
+                           str(out_dir)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    name, keys = EXPECTED[script]
+    result = json.loads((out_dir / f"{name}.json").read_text())
+    assert result["quick"] is True
+    assert COMMON | keys <= set(result), sorted(COMMON | keys - set(result))
+    assert result["tables"] and all(t.startswith("| ") for t in result["tables"])
+    assert "|" in proc.stdout  # the tables were printed too
+
+
+@pytest.mark.slow
+def test_report_renders_every_section(out_dir: Path) -> None:
+    """run_all's Markdown report has a section per result and a goals table (after the above)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from run_all import TITLES, render
+    finally:
+        sys.path.remove(str(BENCH))
+    present = [p.stem for p in out_dir.glob("*.json") if p.stem in TITLES]
+    if not present:
+        pytest.skip("no benchmark results in this session (run with the tests above)")
+    text = render(out_dir, {}, 0.0, quick=True, note="quick check")
+    assert "## Goals" in text and "## Machine" in text
+    for name in present:
+        assert f"## {TITLES[name]}" in text
