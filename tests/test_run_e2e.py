@@ -88,7 +88,8 @@ def test_interrupted_run_resumes_and_keeps_finished_trials(tmp_path: Path, pg_ur
     finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
     assert len(finished) == 3
     interrupted = [t for t in study.trials if t.state.name == "FAIL"]
-    assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in interrupted)
+    assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in interrupted), [
+        (t.number, t.user_attrs) for t in interrupted]
 
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path: Path,

@@ -128,6 +128,10 @@ def work(storage: RDBStorage, study_name: str, *, n_trials: int | None = None,
                                  "unreachable; its parameters are queued again", trial.number)
                     continue
                 except Exception as exc:  # noqa: BLE001 - any trial error is recorded, not fatal
+                    if signals.received is not None:
+                        # The interrupt landed where a library turned it into another error.
+                        give_back(study, storage, trial, "interrupted")
+                        raise Interrupted(signals.received) from None
                     reason = _reason(exc)
                     if not isinstance(exc, TrialDiverged):
                         _log.warning("trial %d failed: %s", trial.number, reason)
