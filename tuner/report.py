@@ -76,6 +76,8 @@ def format_best(summary: dict[str, Any]) -> str:
     ]
     for name, value in summary["params"].items():
         lines.append(f"    {name:<22} {_param(value)}")
+    if not summary["params"]:
+        lines.append("    (none: every knob is fixed in the study file)")
     return "\n".join(lines)
 
 
