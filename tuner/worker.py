@@ -153,16 +153,25 @@ def claim_trial(study: optuna.Study, storage: RDBStorage, budget: int) -> optuna
 
     While every remaining slot is held by running trials this waits: one of them may still
     die and be queued again, and someone must be there to run it. The new trial's first
-    heartbeat is written before the budget lock is released.
+    heartbeat is written before the budget lock is released; the sampler runs after it is
+    released, so a sampler that reads the whole history (TPE) never makes other workers wait.
     """
     while True:
-        trial = retry_on_disconnect(storage, lambda: _claim_once(study, storage, budget))
-        if trial is not _WAIT:
-            return trial
+        trial_id = retry_on_disconnect(storage, lambda: _claim_once(study, storage, budget))
+        if trial_id is None:
+            return None
+        if trial_id is not _WAIT:
+            return retry_on_disconnect(storage, lambda i=trial_id: _sampled_trial(study, i))
         time.sleep(POLL_SECONDS)
 
 
 _WAIT = object()
+
+
+def _sampled_trial(study: optuna.Study, trial_id: int) -> optuna.Trial:
+    """What ``Study.ask`` does once it has a trial id: drop the cached history, then sample."""
+    study._thread_local.cached_all_trials = None  # as Study.ask does (optuna 5)
+    return optuna.Trial(study, trial_id)
 
 
 def sweep_dead_trials(study: optuna.Study, storage: RDBStorage) -> None:
@@ -170,25 +179,61 @@ def sweep_dead_trials(study: optuna.Study, storage: RDBStorage) -> None:
     if not storage.get_heartbeat_interval():
         return
     with budget_lock(storage, study.study_name):
-        if _may_judge_others(storage):
-            fail_stale_trials(study)
-            _fail_silent_trials(study, storage)
+        _sweep(study, storage)
 
 
 def _claim_once(study: optuna.Study, storage: RDBStorage, budget: int) -> object:
+    """Under the budget lock: count, then take a queued trial or create one (no sampling)."""
     with budget_lock(storage, study.study_name):
-        if storage.get_heartbeat_interval() and _may_judge_others(storage):
-            fail_stale_trials(study)
-            _fail_silent_trials(study, storage)
+        if _sweep_due(storage):
+            _sweep(study, storage)
         counts = studies.count_states(storage, study._study_id)
         if counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) >= budget:
             return None
         if sum(counts.get(s, 0) for s in COUNTED) >= budget:
             return _WAIT
-        trial = study.ask()
+        # Through the study's own (caching) storage, as Study.ask does, so the trial's
+        # parameters can be set through it later.
+        trial_id = None
+        if counts.get("WAITING", 0):
+            trial_id = _pop_waiting(study._storage, study._study_id)
+        if trial_id is None:
+            trial_id = study._storage.create_new_trial(study._study_id)
         if storage.get_heartbeat_interval():
-            storage.record_heartbeat(trial._trial_id)
-        return trial
+            storage.record_heartbeat(trial_id)
+        return trial_id
+
+
+def _pop_waiting(storage: optuna.storages.BaseStorage, study_id: int) -> int | None:
+    """The first queued trial, now RUNNING (the caller holds the budget lock)."""
+    for queued in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
+                return queued._trial_id
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _sweep_due(storage: RDBStorage) -> bool:
+    """At most one dead-trial sweep per heartbeat interval per process, when claiming.
+
+    A dead trial cannot be told from a live one sooner than that, and a worker claiming in a
+    tight loop (tiny models, many workers) would otherwise hold the lock for the sweep's
+    queries on every claim. The heartbeat thread sweeps every grace period as well.
+    """
+    interval = storage.get_heartbeat_interval()
+    now = time.monotonic()
+    if not interval or now - getattr(storage, "tuner_last_sweep", -math.inf) < interval:
+        return False
+    storage.tuner_last_sweep = now  # type: ignore[attr-defined]
+    return True
+
+
+def _sweep(study: optuna.Study, storage: RDBStorage) -> None:
+    if _may_judge_others(storage):
+        fail_stale_trials(study)
+        _fail_silent_trials(study, storage)
 
 
 def _finished(storage: RDBStorage, study: optuna.Study) -> int:
