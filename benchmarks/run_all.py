@@ -90,9 +90,11 @@ def _goals(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]
                      f"wall {o['wall_ratio']:.3f}, build+fit {o['fit_ratio']:.3f}",
                      "met" if o["wall_ratio"] <= 1.05 else "missed"))
     if e := results.get("epochs"):
-        worst = max(t["worst_over_median"] for t in e["trials"])
+        worst = e["worst_over_median"]
         rows.append(("epoch stalls", "worst epoch after the 1st <= 1.5x median",
-                     f"worst {worst:.2f}x", "met" if worst <= 1.5 else "missed"))
+                     f"worst {worst:.2f}x (plain model.fit, same process: "
+                     f"{e['bare_worst_over_median']:.2f}x)",
+                     "met" if worst <= 1.5 else "missed"))
     if s := results.get("storage"):
         g = s["goal"]["tuner"]
         key = next(k for k in g if k.startswith("p50_ms_at_"))
