@@ -102,6 +102,11 @@ def test_export_into_a_directory_and_over_an_old_file(ran: Ran, tmp_path: Path) 
                      "--export-model", str(written))
     assert proc.returncode == 0, proc.stderr
     assert written.stat().st_size > 1000
+    nested = tmp_path / "models" / "v1" / "best.keras"  # missing folders are created
+    proc = run_tuner("best", "--study", "export", "--storage", ran.url,
+                     "--export-model", str(nested))
+    assert proc.returncode == 0, proc.stderr
+    assert nested.stat().st_size > 1000
 
 
 def _one_line_error(proc, code: int) -> str:  # noqa: ANN001
@@ -117,8 +122,9 @@ def test_export_path_not_writable(ran: Ran, tmp_path: Path) -> None:
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        if os.access(locked, os.W_OK):  # root ignores permissions: use a missing parent
-            target = tmp_path / "no" / "such" / "dir" / "best.keras"
+        if os.access(locked, os.W_OK):  # root ignores permissions: a file where a folder goes
+            (tmp_path / "a-file").write_text("")
+            target = tmp_path / "a-file" / "best.keras"
         else:
             target = locked / "best.keras"
         proc = run_tuner("best", "--study", "export", "--storage", ran.url,

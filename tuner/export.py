@@ -7,6 +7,7 @@ TensorFlow is needed here: the file is copied as stored.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
     store = optuna.artifacts.FileSystemArtifactStore(str(store_dir))
     partial = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)  # `--export-model models/best.keras`
         optuna.artifacts.download_artifact(artifact_store=store, file_path=str(partial),
                                            artifact_id=artifact_id)
         os.replace(partial, dest)
@@ -59,5 +61,6 @@ def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
     except OSError as exc:
         raise RuntimeFailure(f"cannot write {dest}: {exc.strerror or exc}") from None
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. its folder is a file: nothing to clean
+            partial.unlink(missing_ok=True)
     return dest.resolve()
