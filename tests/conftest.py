@@ -62,7 +62,7 @@ def write_study(directory: Path, name: str = "tiny", *, n_trials: int = 3, epoch
                 family: str = "mlp", pruner: str = "none", sampler: str = "random",
                 source: str = "digits", extra_search: str = "", limit: int | None = 400,
                 dropout: str = "[0.0, 0.5]", l2: str = "[1e-6, 1e-2]",
-                augment: str = "[0.0, 0.5]", seed: int | None = 0) -> Path:
+                augment: str = "[0.0, 0.5]", seed: int | None = 0, patience: int = 3) -> Path:
     """A small, fast study file (digits cut to ``limit`` images, 2 epochs)."""
     seed_line = f"seed = {seed}" if seed is not None else ""
     limit_line = f"limit = {limit}" if limit is not None else ""
@@ -83,7 +83,7 @@ def write_study(directory: Path, name: str = "tiny", *, n_trials: int = 3, epoch
         family = "{family}"
         epochs = {epochs}
         batch_size = 64
-        patience = 3
+        patience = {patience}
 
         [search]
         dropout = {dropout}
