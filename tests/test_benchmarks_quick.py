@@ -22,6 +22,7 @@ EXPECTED = {
     "bench_pruning": ("pruning", {"runs", "per_pruner"}),
     "bench_quality": ("quality", {"runs", "summary", "goal"}),
     "bench_scaling": ("scaling", {"runs", "projection"}),
+    "bench_status": ("bench_status", {"results", "goal", "n_trials"}),
 }
 COMMON = {"benchmark", "quick", "command", "machine", "tables"}
 
@@ -60,3 +61,18 @@ def test_report_renders_every_section(out_dir: Path) -> None:
     assert "## Goals" in text and "## Machine" in text
     for name in present:
         assert f"## {TITLES[name]}" in text
+
+
+@pytest.mark.slow
+def test_report_names_every_goal(out_dir: Path, tmp_path: Path) -> None:
+    """run_all.py turns the JSON of the runs above into RESULTS.md with a goals table."""
+    report = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--report-only", "--quick",
+                           "--out", str(out_dir), "--results", str(report)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = report.read_text()
+    for row in ("| trial overhead |", "| epoch stalls |", "| storage latency |",
+                "| pruning (median) |", "| quality vs optuna |", "| tuner status at 10k trials |",
+                "| scaling 1 → 2 workers |"):
+        assert row in text, row
