@@ -149,7 +149,7 @@ def render(out: Path, timings: dict[str, float], total: float, quick: bool, note
     if note:
         lines += [f"> {note}", ""]
     lines += [
-        f"Command: `{cmd}` (all of the below, one session; {total / 60:.1f} min).",
+        f"Command: `{cmd}` (benchmark time {total / 60:.1f} min).",
         "Each section names its own script, which reruns it alone.", "",
         "## Machine", "",
         f"- {m['nproc']} CPU cores: {m['cpu']}; {m['memory_gib']} GiB memory; no GPU",

@@ -56,7 +56,7 @@ def test_report_renders_every_section(out_dir: Path) -> None:
         sys.path.remove(str(BENCH))
     present = [p.stem for p in out_dir.glob("*.json") if p.stem in TITLES]
     if not present:
-        pytest.skip("no benchmark results in this session (run with the tests above)")
+        pytest.skip("no benchmark results in this test run (run with the tests above)")
     text = render(out_dir, {}, 0.0, quick=True, note="quick check")
     assert "## Goals" in text and "## Machine" in text
     for name in present:
