@@ -62,7 +62,8 @@ def write_study(directory: Path, name: str = "tiny", *, n_trials: int = 3, epoch
                 family: str = "mlp", pruner: str = "none", sampler: str = "random",
                 source: str = "digits", extra_search: str = "", limit: int | None = 400,
                 dropout: str = "[0.0, 0.5]", l2: str = "[1e-6, 1e-2]",
-                augment: str = "[0.0, 0.5]", seed: int | None = 0, patience: int = 3) -> Path:
+                augment: str = "[0.0, 0.5]", seed: int | None = 0, patience: int = 3,
+                extra_study: str = "") -> Path:
     """A small, fast study file (digits cut to ``limit`` images, 2 epochs)."""
     seed_line = f"seed = {seed}" if seed is not None else ""
     limit_line = f"limit = {limit}" if limit is not None else ""
@@ -73,6 +74,7 @@ def write_study(directory: Path, name: str = "tiny", *, n_trials: int = 3, epoch
         sampler = "{sampler}"
         pruner = "{pruner}"
         {seed_line}
+        {extra_study}
 
         [data]
         source = "{source}"

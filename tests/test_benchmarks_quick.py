@@ -23,6 +23,7 @@ EXPECTED = {
     "bench_quality": ("quality", {"runs", "summary", "goal"}),
     "bench_scaling": ("scaling", {"runs", "projection"}),
     "bench_status": ("bench_status", {"results", "goal", "n_trials"}),
+    "bench_chaos": ("chaos", {"summary", "rounds"}),
 }
 COMMON = {"benchmark", "quick", "command", "machine", "tables"}
 

@@ -117,4 +117,42 @@ def test_unreachable_database_masks_the_password(tmp_path: Path) -> None:
 
 def test_malformed_url(tmp_path: Path) -> None:
     result = run_tuner("create", str(write_study(tmp_path)), "--storage", "not a url")
-    assert_one_line(result, 1, "malformed storage URL")
+    assert_one_line(result, 2, "malformed storage URL")
+
+
+def test_a_port_that_is_not_a_number(tmp_path: Path) -> None:
+    result = run_tuner("status", "--storage", "postgresql+psycopg2://u@h:abc/db")
+    assert_one_line(result, 2, "the port must be a number")
+
+
+@pytest.mark.parametrize("verb", [["status"], ["best", "--study", "x"], ["trials", "--study", "x"],
+                                  ["importance", "--study", "x"], ["worker", "--study", "x"],
+                                  ["dashboard"]])
+def test_a_password_with_an_unescaped_at_sign_is_never_printed(verb: list[str]) -> None:
+    url = "postgresql+psycopg2://postgres:p@S3cretPW@127.0.0.1:1/db"
+    result = run_tuner(*verb, "--storage", url)
+    assert_one_line(result, 2, "the password contains '@'", "%40")
+    assert "S3cretPW" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_dashboard_port_out_of_range(port: str) -> None:
+    assert_one_line(run_tuner("dashboard", "--port", port), 2, "--port")
+
+
+def test_an_npz_of_python_objects(tmp_path: Path) -> None:
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.array([object()] * 4, dtype=object), y=np.zeros(4, dtype=int))
+    path = write_study(tmp_path, source=f"npz:{data}")
+    result = run_tuner("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")
+    assert_one_line(result, 2, "array x holds Python objects")
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_a_corrupt_npz(tmp_path: Path) -> None:
+    data = tmp_path / "data.npz"
+    data.write_bytes(b"PK\x03\x04" + b"not a zip archive" * 20)
+    path = write_study(tmp_path, source=f"npz:{data}")
+    result = run_tuner("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")
+    assert_one_line(result, 2, "not a readable .npz file")
+    assert not (tmp_path / "x.db").exists()

@@ -80,9 +80,12 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials; none while the study does not exist yet."""
     storage = _storage(url)
     try:
         return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return []
     finally:
         storage.engine.dispose()
 

@@ -1,13 +1,11 @@
 """Which child gets which device, and what happens when one exits: the supervisor's decisions,
-checked with explicit device lists (no GPU needed), and the study-wide budget lock."""
+checked with explicit device lists (no GPU needed)."""
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
 from pathlib import Path
 
-import optuna
 import pytest
 from conftest import run_tuner, write_study
 
@@ -82,36 +80,6 @@ def test_killed_or_crashed_children_restart_with_growing_pauses_then_give_up() -
     assert next_step(EXIT_CRASHED, MAX_RESTARTS, 5.0, stopping=False) == ("give-up", 0.0)
     # a child that ran well for a long time before dying gets a fresh count
     assert next_step(-signal.SIGSEGV, MAX_RESTARTS, STABLE_SECONDS, False)[0] == "restart"
-
-
-def _claim_many(url: str, study_name: str, budget: int, out: multiprocessing.Queue) -> None:
-    from tuner.storage import open_storage
-    from tuner.worker import claim_trial
-
-    storage = open_storage(url)
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    numbers = []
-    while (trial := claim_trial(study, storage, budget)) is not None:
-        numbers.append(trial.number)
-        study.tell(trial, 1.0)
-    out.put(numbers)
-
-
-def test_budget_is_exact_with_racing_processes(pg_url: str) -> None:
-    """Six processes ask as fast as they can: exactly the budget is created, no overshoot."""
-    optuna.create_study(study_name="race", storage=pg_url)
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_claim_many, args=(pg_url, "race", 25, out)) for _ in range(6)]
-    for p in procs:
-        p.start()
-    numbers = sorted(n for _ in procs for n in out.get(timeout=120))
-    for p in procs:
-        p.join(timeout=60)
-    assert numbers == list(range(25))
-    states = [t.state.name for t in optuna.load_study(study_name="race",
-                                                        storage=pg_url).trials]
-    assert states == ["COMPLETE"] * 25
 
 
 def test_unknown_study_is_a_user_error_before_any_child_starts(tmp_path: Path,

@@ -33,3 +33,44 @@ def diverges(hp: Hyperparams) -> keras.Model:
 def broken(hp: Hyperparams) -> keras.Model:
     """A bug in a user's model function."""
     raise ValueError("layer sizes do not fit: this is the user's bug")
+
+
+def _with_numpy_step(hp: Hyperparams, step: object) -> keras.Model:
+    """A network whose forward pass calls ``step(x)`` in Python, inside TensorFlow's runtime."""
+    import tensorflow as tf
+
+    def call(x):  # noqa: ANN001, ANN202
+        y = tf.numpy_function(step, [x], tf.float32, stateful=True)
+        return tf.ensure_shape(y, x.shape)
+
+    return keras.Sequential([
+        keras.Input(hp.input_shape),
+        keras.layers.Flatten(),
+        keras.layers.Lambda(call),
+        keras.layers.Dense(hp.num_classes, activation="softmax"),
+    ])
+
+
+def slow(hp: Hyperparams) -> keras.Model:
+    """Each training step sleeps a little: a trial that runs long, but can be stopped."""
+    import time
+
+    def pause(x):  # noqa: ANN001, ANN202 - numpy in, numpy out
+        time.sleep(0.05)
+        return x
+
+    return _with_numpy_step(hp, pause)
+
+
+def hangs(hp: Hyperparams) -> keras.Model:
+    """The first training step never returns to Python: stuck inside a native call, where no
+    Python signal handler runs (as a deadlocked CUDA or collective call would be)."""
+    import ctypes
+    import signal
+
+    def forever(x):  # noqa: ANN001, ANN202
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        ctypes.CDLL(None).sleep(3600)
+        return x
+
+    return _with_numpy_step(hp, forever)

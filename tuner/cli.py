@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _artifact_flag(p)
     p.add_argument("--n-trials", type=_positive_int, metavar="N",
                    help="run at most N trials in this process")
+    p.add_argument("--timeout", type=_positive_float, metavar="S",
+                   help="start no new trial after S seconds")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("create", help="register a study for remote workers (idempotent)")
@@ -102,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_flags(p)
     _artifact_flag(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=_port, default=8080,
+                   help="port to listen on, 1-65535 (0: any free port)")
     p.set_defaults(func=_dashboard)
     return parser
 
@@ -157,6 +160,7 @@ def _missing_sqlite_file(url: str) -> bool:
 
 def _create_study(args: argparse.Namespace, verb: str):  # noqa: ANN202
     from tuner import study as studies
+    from tuner.budget import Claimer
     from tuner.data import check_source
     from tuner.spec import load_spec
     from tuner.storage import default_artifacts, mask, open_storage
@@ -167,14 +171,13 @@ def _create_study(args: argparse.Namespace, verb: str):  # noqa: ANN202
     storage = open_storage(url)
     artifacts = args.artifacts or os.environ.get("TUNER_ARTIFACTS") or str(default_artifacts(url))
     study, new = studies.create_or_resume(spec, storage, os.path.abspath(artifacts))
-    counts = studies.count_states(storage, study._study_id)
-    finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+    usage, budget = Claimer(study, storage).state()
     if new:
-        print(f"Created study {spec.name!r} in {mask(url)} ({spec.n_trials} trials, "
+        print(f"Created study {spec.name!r} in {mask(url)} ({budget.describe()}, "
               f"sampler {spec.sampler}, pruner {spec.pruner})")
     else:
-        print(f"Study {spec.name!r} exists in {mask(url)}: {finished} of {spec.n_trials} "
-              f"trials finished" + (", resuming" if verb == "run" else ""))
+        print(f"Study {spec.name!r} exists in {mask(url)}: {budget.progress(usage)}"
+              + (", resuming" if verb == "run" else ""))
     return storage, spec
 
 
@@ -185,9 +188,11 @@ def _run(args: argparse.Namespace) -> int:
 
     storage, spec = _create_study(args, "run")
     try:
-        summary = work(storage, spec.name, n_trials=args.n_trials, artifacts=args.artifacts,
+        summary = work(storage, spec.name, n_trials=args.n_trials, timeout=args.timeout,
+                       artifacts=args.artifacts,
                        progress=lambda o: print(format_outcome(o, spec.model.epochs),
-                                                flush=True))
+                                                flush=True),
+                       notice=lambda line: print(line.capitalize(), flush=True))
     except Interrupted:
         print("Interrupted: the running trial was given back; run the same command to resume.")
         return 0
@@ -265,6 +270,17 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: use 1-65535 (0 picks a "
+                                         "free one)")
+    return value
 
 
 _positive_int = _positive(int)

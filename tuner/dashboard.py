@@ -23,9 +23,9 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage
 
+from tuner import attrs
 from tuner.errors import RuntimeFailure
 from tuner.storage import artifacts_dir, default_artifacts, mask, open_storage
-from tuner.study import ARTIFACTS_ATTR
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -78,7 +78,7 @@ def artifact_directories(storage: RDBStorage, url: str, override: str | None) ->
         rows = conn.execute(sqlalchemy.text(
             "SELECT a.value_json FROM study_user_attributes a JOIN studies s "
             "ON s.study_id = a.study_id WHERE a.key = :key ORDER BY s.study_id"),
-            {"key": ARTIFACTS_ATTR}).all()
+            {"key": attrs.ARTIFACTS}).all()
     recorded = [Path(json.loads(value)).expanduser().resolve() for (value,) in rows]
     unique = list(dict.fromkeys(recorded))
     return unique or [default_artifacts(url)]

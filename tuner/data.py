@@ -9,6 +9,7 @@ epoch start while it tears down the previous iterator).
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,23 +119,43 @@ def _read_npz(path: Path, data: DataSpec, seed: int = 0) -> Arrays:
     if not path.is_file():
         raise UserError(f"{where}: file not found")
     try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{where}: not a readable .npz file ({exc})") from None
-    with npz:
-        keys = set(npz.files)
-        if {"x_train", "y_train", "x_val", "y_val"} <= keys:
-            parts = [npz[k] for k in ("x_train", "y_train", "x_val", "y_val")]
-            for x_key, y_key, x, y in (("x_train", "y_train", parts[0], parts[1]),
-                                       ("x_val", "y_val", parts[2], parts[3])):
-                _check_pair(where, x_key, y_key, x, y)
-            return _as_arrays(*parts)
-        if {"x", "y"} <= keys:
-            x, y = npz["x"], npz["y"]
-            _check_pair(where, "x", "y", x, y)
-            return _split(x, y, data.validation_split, seed)
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            if {"x_train", "y_train", "x_val", "y_val"} <= keys:
+                parts = [_npz_array(npz, k, where) for k in ("x_train", "y_train", "x_val",
+                                                             "y_val")]
+                for x_key, y_key, x, y in (("x_train", "y_train", parts[0], parts[1]),
+                                           ("x_val", "y_val", parts[2], parts[3])):
+                    _check_pair(where, x_key, y_key, x, y)
+                return _as_arrays(*parts)
+            if {"x", "y"} <= keys:
+                x, y = _npz_array(npz, "x", where), _npz_array(npz, "y", where)
+                _check_pair(where, "x", "y", x, y)
+                return _split(x, y, data.validation_split, seed)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{where}: not a readable .npz file ({_first_line(exc)}); write it "
+                        "with numpy.savez") from None
     raise UserError(f"{where}: expected arrays x_train, y_train, x_val, y_val (or x and y), "
                     f"found {', '.join(sorted(keys)) or 'none'}")
+
+
+def _npz_array(npz: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
+    """One array; object arrays (pickles) are refused, numbers only."""
+    try:
+        array = npz[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise UserError(f"{where}: array {key} holds Python objects, not numbers; save "
+                            "images and labels as numeric arrays (e.g. uint8 pixels, int "
+                            "labels)") from None
+        raise
+    if array.dtype.kind not in "biuf":
+        raise UserError(f"{where}: array {key} has dtype {array.dtype}; expected numbers")
+    return array
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _check_pair(where: str, x_key: str, y_key: str, x: np.ndarray, y: np.ndarray) -> None:

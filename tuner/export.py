@@ -14,11 +14,9 @@ from pathlib import Path
 import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
 
+from tuner import attrs
 from tuner.errors import RuntimeFailure, UserError
 from tuner.storage import artifacts_dir
-from tuner.study import ARTIFACTS_ATTR
-
-MODEL_ATTR = "model_artifact"
 
 
 def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
@@ -38,11 +36,11 @@ def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
     if dest.suffix != ".keras":
         raise UserError(f"--export-model {path}: the file name must end in .keras (Keras "
                         "reads the format from the extension)")
-    artifact_id = best.user_attrs.get(MODEL_ATTR)
+    artifact_id = best.user_attrs.get(attrs.MODEL_ARTIFACT)
     if not artifact_id:
         raise RuntimeFailure(f"best trial #{best.number} of study {study.study_name!r} has no "
                              "saved model (it finished without an artifact store)")
-    store_dir = artifacts_dir(artifacts_override, study.user_attrs.get(ARTIFACTS_ATTR))
+    store_dir = artifacts_dir(artifacts_override, study.user_attrs.get(attrs.ARTIFACTS))
     missing = (f"the saved model of best trial #{best.number} (artifact {artifact_id}) is "
                f"missing: looked in {store_dir.resolve()}")
     if not store_dir.is_dir():

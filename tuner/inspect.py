@@ -21,10 +21,12 @@ import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner import attrs, optuna_sql
 from tuner import study as studies
-from tuner.errors import RuntimeFailure, UserError
+from tuner.budget import Budget, Usage, describe_duration
+from tuner.errors import UserError
 from tuner.spec import StudySpec
-from tuner.storage import mask, open_storage
+from tuner.storage import mask, open_engine, open_storage, unreachable
 
 STATES = ("running", "complete", "pruned", "failed", "waiting")
 _STATE_NAMES = {"running": "RUNNING", "complete": "COMPLETE", "pruned": "PRUNED",
@@ -53,6 +55,7 @@ class RunningTrial:
     max_epochs: int | None
     running_s: float | None
     heartbeat_age_s: float | None
+    last_epoch_age_s: float | None = None  # a trial whose epochs stop coming may be hung
 
 
 @dataclass(frozen=True)
@@ -67,43 +70,45 @@ class StudyStatus:
     best_value: float | None
     best_found_at: str | None
     running: list[RunningTrial] = field(default_factory=list)
+    epoch_budget: int | None = None
+    epochs: int | None = None  # epochs trained so far (counted when there is an epoch budget)
+    time_budget: float | None = None  # seconds
+    budget: str = ""  # the budget and what is spent of it, in words
 
 
 def study_status(storage: RDBStorage | SQLStorage, study_id: int, name: str) -> StudyStatus:
     """Counts, best so far and running trials of one study, in a few SQL queries."""
-    counts = studies.count_states(storage, study_id)
-    states = {key: counts.get(db, 0) for key, db in _STATE_NAMES.items()}
     with storage.engine.connect() as conn:
-        spec = _study_attr(conn, study_id, studies.SPEC_ATTR)
-        maximize = _maximize(conn, study_id)
-        best = _best_row(conn, study_id, maximize) if states["complete"] else None
+        counts = optuna_sql.count_states(conn, study_id)
+        states = {key: counts.get(db, 0) for key, db in _STATE_NAMES.items()}
+        spec = optuna_sql.study_attr(conn, study_id, attrs.SPEC)
+        spec = spec if isinstance(spec, dict) else {}
+        budget = Budget.from_spec(spec, optuna_sql.study_attr(conn, study_id,
+                                                              attrs.CLOCK_STARTED))
+        epochs = (optuna_sql.epochs_reported(conn, study_id)
+                  if budget.epochs is not None else None)
+        best = optuna_sql.best_trial(conn, study_id) if states["complete"] else None
+        found_at = None if best is None else _found_at(conn, best)
         running = _running(conn, study_id, spec) if states["running"] else []
-    n_trials = spec.get("n_trials") if isinstance(spec, dict) else None
+    n_trials = budget.n_trials
     left = None if n_trials is None else max(0, n_trials - states["complete"] - states["pruned"])
+    usage = Usage.from_counts(counts, epochs or 0)
     return StudyStatus(
         study=name, states=states, n_trials=n_trials, left=left,
-        best_trial=best[0] if best else None,
-        best_value=best[1] if best else None,
-        best_found_at=_iso_utc(best[2]) if best else None,
+        best_trial=best["number"] if best else None,
+        best_value=best["value"] if best else None,
+        best_found_at=found_at,
         running=running,
+        epoch_budget=budget.epochs, epochs=epochs, time_budget=budget.seconds,
+        budget=f"{budget.describe()}: {budget.progress(usage)}" if spec else "",
     )
 
 
 class SQLStorage:
-    """Just an engine on Optuna's tables: all ``status`` needs.
-
-    Opening an ``RDBStorage`` imports Alembic and checks the schema, which costs more than
-    everything else ``status`` does together; these read-only queries need none of it.
-    """
+    """Just an engine on Optuna's tables: all ``status`` needs (see :func:`open_engine`)."""
 
     def __init__(self, url: str) -> None:
-        kwargs: dict[str, Any] = {"poolclass": sqlalchemy.pool.NullPool}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 60}
-        try:
-            self.engine = sqlalchemy.create_engine(url, **kwargs)
-        except (sqlalchemy.exc.ArgumentError, ImportError) as exc:
-            raise RuntimeFailure(f"cannot open storage {mask(url)}: {exc}") from None
+        self.engine = open_engine(url)
         self.url = url
 
 
@@ -120,11 +125,8 @@ def all_status(storage: RDBStorage | SQLStorage, name: str | None = None
             rows = conn.execute(sqlalchemy.text(query + " ORDER BY study_id"), params).all()
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as exc:
         if not _no_table(exc):
-            url = storage.engine.url
-            text = _first_line(exc).replace(url.password, "***") if url.password else \
-                _first_line(exc)
-            raise RuntimeFailure(f"cannot open storage {url.render_as_string()}: "
-                                 f"{text}") from None
+            raise unreachable(storage.engine.url.render_as_string(hide_password=False),
+                              exc) from None
         rows = []  # a database nothing has run in yet: no Optuna tables
     if name is not None and not rows:
         full = storage if isinstance(storage, RDBStorage) else open_storage(
@@ -154,16 +156,15 @@ def _no_table(exc: Exception) -> bool:
     return "no such table" in text or ("relation" in text and "does not exist" in text)
 
 
-def _first_line(exc: Exception) -> str:
-    cause = getattr(exc, "orig", None) or exc
-    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-
-
 def format_status(s: StudyStatus, now: dt.datetime | None = None) -> str:
     """A study's status as a few aligned lines."""
     now = now or _utcnow()
-    budget = f"{s.n_trials} trials budget, {s.left} left" if s.n_trials is not None else \
-        "no budget recorded"
+    if s.n_trials is not None and s.epoch_budget is None and s.time_budget is None:
+        budget = f"{s.n_trials} trials budget, {s.left} left"
+    elif s.budget:
+        budget = f"budget {s.budget}"
+    else:
+        budget = "no budget recorded"
     lines = [
         f"Study {s.study!r}: {budget}",
         "  trials   " + ", ".join(f"{s.states[k]} {k}" for k in STATES),
@@ -176,12 +177,13 @@ def format_status(s: StudyStatus, now: dt.datetime | None = None) -> str:
                 f"({_ago((now - found).total_seconds())} ago)") if found else ""
         lines.append(f"  best     val_loss {s.best_value:.4f} (trial #{s.best_trial}){when}")
     if s.running:
-        rows = [["trial", "host", "gpu", "epoch", "running", "heartbeat"]]
+        rows = [["trial", "host", "gpu", "epoch", "epoch ended", "running", "heartbeat"]]
         for r in s.running:
             epoch = "-" if r.epoch is None else str(r.epoch)
             if r.max_epochs is not None:
                 epoch += f"/{r.max_epochs}"
             rows.append([f"#{r.trial}", r.host or "-", r.gpu or "-", epoch,
+                         "-" if r.last_epoch_age_s is None else f"{_ago(r.last_epoch_age_s)} ago",
                          "-" if r.running_s is None else _ago(r.running_s),
                          "none yet" if r.heartbeat_age_s is None
                          else f"{_ago(r.heartbeat_age_s)} ago"])
@@ -195,81 +197,43 @@ def _status_dict(s: StudyStatus) -> dict[str, Any]:
     return asdict(s)
 
 
-def _study_attr(conn: sqlalchemy.Connection, study_id: int, key: str) -> Any:
-    row = conn.execute(sqlalchemy.text(
-        "SELECT value_json FROM study_user_attributes WHERE study_id = :sid AND key = :key"),
-        {"sid": study_id, "key": key}).first()
-    return json.loads(row[0]) if row else None
-
-
-def _maximize(conn: sqlalchemy.Connection, study_id: int) -> bool:
-    row = conn.execute(sqlalchemy.text(
-        "SELECT direction FROM study_directions WHERE study_id = :sid AND objective = 0"),
-        {"sid": study_id}).first()
-    return row is not None and studies._state_name(row[0]) == "MAXIMIZE"
-
-
-def _best_row(conn: sqlalchemy.Connection, study_id: int, maximize: bool
-              ) -> tuple[int, float, dt.datetime | None] | None:
-    """(number, value, datetime_complete) of the best finite completed trial."""
-    order = "DESC" if maximize else "ASC"
-    query = sqlalchemy.text(
-        "SELECT t.number, v.value, t.datetime_complete FROM trials t "
-        "JOIN trial_values v ON v.trial_id = t.trial_id "
-        "WHERE t.study_id = :sid AND t.state = :state AND v.objective = 0 "
-        f"AND v.value_type = :finite ORDER BY v.value {order}, t.number LIMIT 1"
-    ).columns(sqlalchemy.column("number", sqlalchemy.Integer),
-              sqlalchemy.column("value", sqlalchemy.Float),
-              sqlalchemy.column("datetime_complete", sqlalchemy.DateTime))
-    row = conn.execute(query, {"sid": study_id, "state": "COMPLETE", "finite": "FINITE"}).first()
-    return (row[0], row[1], row[2]) if row else None
-
-
 def _running(conn: sqlalchemy.Connection, study_id: int, spec: Any) -> list[RunningTrial]:
-    """Running trials with host, GPU, last reported epoch and heartbeat age."""
-    query = sqlalchemy.text(
-        "SELECT t.trial_id, t.number, t.datetime_start, h.heartbeat FROM trials t "
-        "LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-        "WHERE t.study_id = :sid AND t.state = :state ORDER BY t.number"
-    ).columns(sqlalchemy.column("trial_id", sqlalchemy.Integer),
-              sqlalchemy.column("number", sqlalchemy.Integer),
-              sqlalchemy.column("datetime_start", sqlalchemy.DateTime),
-              sqlalchemy.column("heartbeat", sqlalchemy.DateTime))
-    rows = conn.execute(query, {"sid": study_id, "state": "RUNNING"}).all()
-    if not rows:
-        return []
-    ids = [r[0] for r in rows]
-    attrs: dict[tuple[int, str], Any] = {}
-    for trial_id, key, value in conn.execute(sqlalchemy.text(
-            "SELECT trial_id, key, value_json FROM trial_user_attributes "
-            "WHERE trial_id IN :ids AND key IN ('host', 'gpu')").bindparams(
-            sqlalchemy.bindparam("ids", expanding=True)), {"ids": ids}):
-        attrs[(trial_id, key)] = json.loads(value)
-    epochs = dict(conn.execute(sqlalchemy.text(
-        "SELECT trial_id, MAX(step) FROM trial_intermediate_values WHERE trial_id IN :ids "
-        "GROUP BY trial_id").bindparams(sqlalchemy.bindparam("ids", expanding=True)),
-        {"ids": ids}).all())
-    # The database's clock, as Optuna's own stale-trial check uses: heartbeats are written
-    # with it, so worker clocks that drift do not matter.
-    db_now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()
-    db_now = db_now.replace(tzinfo=None) if isinstance(db_now, dt.datetime) else None
-    utc_now = _utcnow().replace(tzinfo=None)
+    """Running trials with host, GPU, last finished epoch and its age, and heartbeat age.
+
+    Times come from the trial's ``started_at`` (UTC seconds) and its curve's epoch times, so a
+    worker's time zone never shows; heartbeat ages use the database's clock, which writes them.
+    """
+    keys = (attrs.HOST, attrs.GPU, attrs.STARTED_AT, attrs.CURVE)
+    now = _utcnow().timestamp()
     max_epochs = spec.get("model", {}).get("epochs") if isinstance(spec, dict) else None
-    return [
-        RunningTrial(
-            trial=number, host=attrs.get((trial_id, "host")), gpu=attrs.get((trial_id, "gpu")),
-            epoch=epochs.get(trial_id), max_epochs=max_epochs,
-            running_s=None if start is None else round((utc_now - start).total_seconds(), 1),
-            heartbeat_age_s=(None if beat is None or db_now is None
-                             else round(max(0.0, (db_now - beat).total_seconds()), 1)),
-        )
-        for trial_id, number, start, beat in rows
-    ]
+    running = []
+    for row in optuna_sql.running_trials(conn, study_id, keys):
+        started = row.get(attrs.STARTED_AT)
+        times = (row.get(attrs.CURVE) or {}).get("t") or []
+        running.append(RunningTrial(
+            trial=row["number"], host=row.get(attrs.HOST), gpu=row.get(attrs.GPU),
+            epoch=len(times) or row["step"], max_epochs=max_epochs,
+            running_s=None if started is None else round(max(0.0, now - started), 1),
+            last_epoch_age_s=(None if started is None or not times
+                              else round(max(0.0, now - started - times[-1]), 1)),
+            heartbeat_age_s=(None if row["heartbeat_age"] is None
+                             else round(row["heartbeat_age"], 1)),
+        ))
+    return running
 
 
-def _iso_utc(value: dt.datetime | None) -> str | None:
-    """Optuna keeps naive UTC datetimes in its tables."""
-    return None if value is None else value.replace(tzinfo=dt.UTC).isoformat()
+def _found_at(conn: sqlalchemy.Connection, best: dict[str, Any]) -> str | None:
+    """When the best trial completed, in UTC: its ``started_at`` plus its ``seconds``.
+
+    Optuna's own ``datetime_complete`` is the worker's local time without a zone, which means
+    nothing on a machine in another zone; it is used only for trials without those attributes.
+    """
+    found = optuna_sql.trial_attrs(conn, best["trial_id"], (attrs.STARTED_AT, attrs.SECONDS))
+    if attrs.STARTED_AT in found and attrs.SECONDS in found:
+        at = dt.datetime.fromtimestamp(found[attrs.STARTED_AT] + found[attrs.SECONDS], dt.UTC)
+        return at.isoformat()
+    complete = best["datetime_complete"]
+    return None if complete is None else complete.replace(tzinfo=dt.UTC).isoformat()
 
 
 def _utcnow() -> dt.datetime:
@@ -277,14 +241,7 @@ def _utcnow() -> dt.datetime:
 
 
 def _ago(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m {seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d {seconds % 86400 // 3600:02d}h"
+    return describe_duration(max(0, round(seconds)))
 
 
 # ---------------------------------------------------------------------------- trials

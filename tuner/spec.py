@@ -23,6 +23,9 @@ KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 AUGMENT_TRANSFORMS = ("rotation", "translation", "zoom", "contrast")
 _USER_FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+BUDGET_FIELDS = ("n_trials", "epoch_budget", "time_budget", "trial_timeout")
 
 
 @dataclass(frozen=True)
@@ -74,13 +77,16 @@ class SearchSpec:
 @dataclass(frozen=True)
 class StudySpec:
     name: str
-    n_trials: int = 20
+    n_trials: int | None = 20
     sampler: str = "tpe"
     pruner: str = "median"
     seed: int | None = None
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
     search: SearchSpec = SearchSpec()
+    epoch_budget: int | None = None  # epochs trained by the whole study, every trial counted
+    time_budget: float | None = None  # seconds from the first trial; no trial starts after
+    trial_timeout: float | None = None  # seconds one trial may train before it is failed
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict, the form stored in the study."""
@@ -95,6 +101,9 @@ class StudySpec:
             sampler=raw["sampler"],
             pruner=raw["pruner"],
             seed=raw["seed"],
+            epoch_budget=raw.get("epoch_budget"),
+            time_budget=raw.get("time_budget"),
+            trial_timeout=raw.get("trial_timeout"),
             data=DataSpec(**{**raw["data"], "image_size": tuple(raw["data"]["image_size"])}),
             model=ModelSpec(**raw["model"]),
             search=SearchSpec(
@@ -133,7 +142,8 @@ def parse_spec(raw: dict[str, Any], where: str = "<study>") -> StudySpec:
     data = p.table(raw, "data")
     model = p.table(raw, "model")
     search = p.table(raw, "search")
-    p.only_keys(study, "study", {"name", "n_trials", "sampler", "pruner", "seed"})
+    p.only_keys(study, "study", {"name", "n_trials", "epoch_budget", "time_budget",
+                                 "trial_timeout", "sampler", "pruner", "seed"})
     p.only_keys(data, "data", {"source", "validation_split", "image_size", "limit"})
     p.only_keys(model, "model", {"family", "epochs", "batch_size", "patience", "learning_rate"})
     p.only_keys(search, "search", {"dropout", "l2", "augment", "flip", "learning_rate"})
@@ -147,9 +157,16 @@ def parse_spec(raw: dict[str, Any], where: str = "<study>") -> StudySpec:
         p.fail("model", "family", f"unknown model family {family!r}: use one of "
                f"{', '.join(FAMILIES)} or 'package.module:function'")
     epochs = p.integer(model, "model", "epochs", 20, minimum=1)
+    epoch_budget = p.integer(study, "study", "epoch_budget", None, minimum=1)
+    time_budget = p.duration(study, "study", "time_budget")
+    # Without another budget a study stops after 20 trials; with one, n_trials is optional.
+    default_trials = 20 if epoch_budget is None and time_budget is None else None
     return StudySpec(
         name=name,
-        n_trials=p.integer(study, "study", "n_trials", 20, minimum=1),
+        n_trials=p.integer(study, "study", "n_trials", default_trials, minimum=1),
+        epoch_budget=epoch_budget,
+        time_budget=time_budget,
+        trial_timeout=p.duration(study, "study", "trial_timeout"),
         sampler=p.choice(study, "study", "sampler", "tpe", SAMPLERS),
         pruner=p.choice(study, "study", "pruner", "median", PRUNERS),
         seed=p.integer(study, "study", "seed", None, minimum=0),
@@ -293,6 +310,25 @@ class _Parser:
             self.fail(table, key, f"expected a number, got {value!r}")
         self._bounds(table, key, float(value), low, high, open_low, open_high)
         return float(value)
+
+    def duration(self, raw: dict, table: str, key: str) -> float | None:
+        """Seconds, from a number of seconds or a string such as ``"90s"``, ``"30m"``, ``"8h"``."""
+        if key not in raw:
+            return None
+        value = raw[key]
+        seconds: float | None = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str):
+            match = _DURATION.match(value.strip())
+            if match:
+                seconds = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
+        if seconds is None:
+            self.fail(table, key, f"expected seconds or a duration like \"90s\", \"30m\", "
+                      f"\"8h\", \"2d\", got {value!r}")
+        if seconds <= 0:  # type: ignore[operator]
+            self.fail(table, key, f"must be more than 0 seconds, got {value!r}")
+        return seconds
 
     def image_size(self, data: dict) -> tuple[int, int]:
         value = data.get("image_size", [32, 32])

@@ -4,34 +4,26 @@
   password may sit in the URL, in ``$PGPASSWORD`` (libpq reads it) or in a file
   (``--storage-password-file``); :func:`mask` hides it wherever a URL is printed.
 * Heartbeats (``$TUNER_HEARTBEAT_INTERVAL``, default 10 s; ``$TUNER_GRACE_PERIOD``, default
-  30 s) let any worker fail a trial whose process died; Optuna's
-  ``RetryHeartbeatStaleTrialCallback`` queues its parameters again.
+  30 s) let any worker fail a trial whose process died (:mod:`tuner.budget` does it).
 * Every storage call is retried while the database is unreachable (up to
   ``$TUNER_DB_RETRY_SECONDS``, default 300 s); ``pool_pre_ping`` throws away pooled connections
   that died with the server. Each process holds at most ``POOL_SIZE + MAX_OVERFLOW`` connections.
-* :func:`budget_lock` serializes "is there budget left? then create a trial" across every
-  worker on every node (a PostgreSQL transaction-level advisory lock, so it also works behind
-  PgBouncer in transaction mode and dies with its connection; a file lock beside a SQLite
-  file), which is how a study ends with exactly ``n_trials`` finished trials.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import fcntl
 import functools
 import logging
 import os
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from sqlalchemy import exc as sa_exc
 
 from tuner.errors import RuntimeFailure, UserError
@@ -39,7 +31,6 @@ from tuner.errors import RuntimeFailure, UserError
 DEFAULT_URL = "sqlite:///tuner.db"
 POOL_SIZE = 2
 MAX_OVERFLOW = 2
-MAX_RETRY = 3
 _log = logging.getLogger("tuner.storage")
 
 
@@ -52,21 +43,21 @@ def resolve_url(url: str | None = None, password_file: str | None = None) -> str
         except OSError as exc:
             raise UserError(f"--storage-password-file: cannot read {password_file} "
                             f"({exc.strerror})") from None
-        url = _parse(url).set(password=password).render_as_string(hide_password=False)
+        url = parse_url(url).set(password=password).render_as_string(hide_password=False)
     return url
 
 
 def mask(url: str) -> str:
     """The URL with its password replaced by ``***`` (safe to print or log)."""
     try:
-        return _parse(url).render_as_string(hide_password=True)
-    except RuntimeFailure:
-        return "<malformed storage URL>"
+        return parse_url(url).render_as_string(hide_password=True)
+    except UserError:
+        return _masked_text(url)
 
 
 def open_storage(url: str, *, heartbeat: bool = True) -> RDBStorage:
     """Connect (creating Optuna's tables if needed); one-line :class:`RuntimeFailure` if not."""
-    parsed = _parse(url)
+    parsed = parse_url(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
         engine_kwargs["connect_args"] = {"timeout": 60}
@@ -77,33 +68,18 @@ def open_storage(url: str, *, heartbeat: bool = True) -> RDBStorage:
         kwargs = {
             "heartbeat_interval": _env_int("TUNER_HEARTBEAT_INTERVAL", 10),
             "grace_period": _env_int("TUNER_GRACE_PERIOD", 30),
-            "heartbeat_stale_trial_callback": RetryAfresh(max_retry=MAX_RETRY),
         }
     try:
         with _quiet_optuna():
             return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
     except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError,
             ValueError) as exc:
-        raise RuntimeFailure(f"cannot open storage {mask(url)}: "
-                             f"{_first_line(exc, parsed.password)}") from None
-
-
-class RetryAfresh(RetryHeartbeatStaleTrialCallback):
-    """Optuna's retry of a dead trial's parameters, without the dead run's attributes.
-
-    Optuna copies the user attributes into the retry; the host, GPU, pid and fail reason of
-    the run that died would then be reported for the run that completes.
-    """
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        trial = copy.copy(trial)
-        trial.user_attrs = {}
-        super().__call__(study, trial)
+        raise unreachable(url, exc) from None
 
 
 def default_artifacts(url: str) -> Path:
     """Where models are kept unless told: beside a SQLite file, else ./tuner-artifacts."""
-    parsed = _parse(url)
+    parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         return Path(parsed.database).resolve().parent / "tuner-artifacts"
     return Path.cwd() / "tuner-artifacts"
@@ -116,7 +92,13 @@ def artifacts_dir(override: str | None, recorded: str | None) -> Path:
 
 
 def retry_interval(attempt: int) -> float:
+    """Seconds to wait before the next try while the database is unreachable."""
     return min(0.5 * 2 ** attempt, 5.0)
+
+
+def db_retry_seconds() -> int:
+    """Seconds storage calls keep retrying an unreachable database."""
+    return _env_int("TUNER_DB_RETRY_SECONDS", 300)
 
 
 def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -124,7 +106,7 @@ def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        deadline = time.monotonic() + _env_int("TUNER_DB_RETRY_SECONDS", 300)
+        deadline = time.monotonic() + db_retry_seconds()
         attempt = 0
         while True:
             try:
@@ -135,7 +117,7 @@ def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             except (sa_exc.OperationalError, sa_exc.InterfaceError,
                     optuna.exceptions.StorageInternalError) as exc:
-                if not _is_disconnect(exc) or time.monotonic() > deadline:
+                if not is_disconnect(exc) or time.monotonic() > deadline:
                     raise
                 _wait_for_database(self, exc, attempt)
                 attempt += 1
@@ -153,14 +135,14 @@ def retry_on_disconnect(storage: RDBStorage, action: Callable[[], Any]) -> Any:
     For steps that use the engine directly or must be redone as a whole (the budget check and
     the trial it creates), where retrying each call alone is not enough.
     """
-    deadline = time.monotonic() + _env_int("TUNER_DB_RETRY_SECONDS", 300)
+    deadline = time.monotonic() + db_retry_seconds()
     attempt = 0
     while True:
         try:
             result = action()
         except (sa_exc.OperationalError, sa_exc.InterfaceError,
                 optuna.exceptions.StorageInternalError) as exc:
-            if not _is_disconnect(exc) or time.monotonic() > deadline:
+            if not is_disconnect(exc) or time.monotonic() > deadline:
                 raise
             _wait_for_database(storage, exc, attempt)
             attempt += 1
@@ -177,6 +159,29 @@ def _wait_for_database(storage: RDBStorage, exc: BaseException, attempt: int) ->
         _log.warning("database still unreachable after %d attempts; retrying", attempt)
     storage.engine.dispose()
     time.sleep(retry_interval(attempt))
+
+
+def open_engine(url: str) -> sqlalchemy.Engine:
+    """A plain engine on the storage's database, for read-only queries on Optuna's tables.
+
+    Opening an ``RDBStorage`` imports Alembic and checks the schema, which costs more than
+    everything ``tuner status`` does together. No pool: a command that answers and exits.
+    """
+    parsed = parse_url(url)
+    kwargs: dict[str, Any] = {"poolclass": sqlalchemy.pool.NullPool}
+    if parsed.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"timeout": 60}
+    try:
+        return sqlalchemy.create_engine(parsed, **kwargs)
+    except (sa_exc.ArgumentError, ImportError) as exc:
+        raise RuntimeFailure(f"cannot open storage {mask(url)}: "
+                             f"{_first_line(exc, parsed.password)}") from None
+
+
+def unreachable(url: str, exc: BaseException) -> RuntimeFailure:
+    """The one-line failure for a database that cannot be used, password masked."""
+    return RuntimeFailure(f"cannot open storage {mask(url)}: "
+                          f"{_first_line(exc, parse_url(url).password)}")
 
 
 class ResilientRDBStorage(RDBStorage):
@@ -199,7 +204,7 @@ for _name in ("create_new_study", "set_study_user_attr", "set_study_system_attr"
     setattr(ResilientRDBStorage, _name, _retrying(getattr(RDBStorage, _name)))
 
 
-def _is_disconnect(exc: BaseException) -> bool:
+def is_disconnect(exc: BaseException) -> bool:
     cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
     if isinstance(cause, sa_exc.DBAPIError) and cause.connection_invalidated:
         return True
@@ -210,51 +215,33 @@ def _is_disconnect(exc: BaseException) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def budget_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
-    """Hold a lock shared by every process that uses this study's database."""
-    url = storage.engine.url
-    if url.get_backend_name() == "postgresql":
-        key = zlib.crc32(f"tuner-budget:{study_name}".encode())
-        deadline = time.monotonic() + _env_int("TUNER_DB_RETRY_SECONDS", 300)
-        attempt = 0
-        while True:
-            try:
-                conn = storage.engine.connect()
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-                break
-            except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-                if not _is_disconnect(exc) or time.monotonic() > deadline:
-                    raise
-                storage.engine.dispose()
-                time.sleep(retry_interval(attempt))
-                attempt += 1
-        try:
-            yield
-        finally:
-            try:
-                conn.commit()  # ends the transaction, which releases the lock
-            except sa_exc.SQLAlchemyError:
-                pass  # the server went away: the lock went with the session
-            finally:
-                conn.close()
-    elif url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        with open(f"{url.database}.lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-    else:
-        yield  # other databases: best effort, MaxTrials-style accounting only
-
-
-def _parse(url: str) -> sqlalchemy.engine.URL:
+def parse_url(url: str) -> sqlalchemy.engine.URL:
+    """Parse a storage URL; anything wrong with it is the user's to fix (exit 2)."""
     try:
-        return sqlalchemy.engine.make_url(url)
+        parsed = sqlalchemy.engine.make_url(url)
     except sa_exc.ArgumentError:
-        raise RuntimeFailure("malformed storage URL: expected e.g. sqlite:///tuner.db or "
-                             "postgresql+psycopg2://user@host:5432/dbname") from None
+        raise UserError("malformed storage URL: expected e.g. sqlite:///tuner.db or "
+                        "postgresql+psycopg2://user@host:5432/dbname") from None
+    except ValueError:  # a port that is not a number
+        raise UserError(f"storage URL {_masked_text(url)}: the port must be a number, as in "
+                        "postgresql+psycopg2://user@host:5432/dbname") from None
+    if parsed.host and "@" in parsed.host:
+        # The password holds an '@' that is not percent-encoded: the URL splits at its first
+        # '@', and the rest of the password would be taken for the host name (and printed).
+        raise UserError(f"storage URL {_masked_text(url)}: the password contains '@'; write "
+                        "it as %40, or give the password with --storage-password-file or "
+                        "$PGPASSWORD instead")
+    return parsed
+
+
+def _masked_text(url: str) -> str:
+    """Mask a URL that may not even parse: everything between ``user:`` and the last ``@``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}{':***' if ':' in credentials else ''}@{host}"
 
 
 def _first_line(exc: BaseException, password: str | None) -> str:

@@ -9,41 +9,39 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import replace
-from typing import Any
 
 import optuna
-import sqlalchemy
 from optuna.storages import RDBStorage
 
+from tuner import attrs
 from tuner.errors import UserError
-from tuner.spec import StudySpec
-
-SPEC_ATTR = "spec"
-ARTIFACTS_ATTR = "artifacts"
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+from tuner.spec import BUDGET_FIELDS, StudySpec
 
 
 def create_or_resume(spec: StudySpec, storage: RDBStorage,
                      artifacts: str | None = None) -> tuple[optuna.Study, bool]:
     """Create the study, or resume it if it exists with the same search; returns (study, new).
 
-    A changed ``n_trials`` is taken as a new budget; any other change is a user error, since
-    mixing two search spaces in one study would corrupt the sampler's history.
+    A changed budget (``n_trials``, ``epoch_budget``, ``time_budget``, ``trial_timeout``) is
+    taken as the new budget, and running workers obey it at their next claim; any other change
+    is a user error, since mixing two search spaces in one study would corrupt the sampler's
+    history.
     """
     existing = _stored_spec(storage, spec.name)
     if existing is not None:
-        if replace(existing, n_trials=spec.n_trials) != spec:
+        budget = {field: getattr(spec, field) for field in BUDGET_FIELDS}
+        if replace(existing, **budget) != spec:
             raise UserError(f"study {spec.name!r} already exists with a different study file; "
                             "give the study a new [study] name to start afresh")
         study = optuna.load_study(study_name=spec.name, storage=storage)
-        if existing.n_trials != spec.n_trials:
-            study.set_user_attr(SPEC_ATTR, spec.to_dict())
+        if existing != spec:
+            study.set_user_attr(attrs.SPEC, spec.to_dict())
         return study, False
     study = optuna.create_study(study_name=spec.name, storage=storage, direction="minimize",
                                 load_if_exists=True)
-    study.set_user_attr(SPEC_ATTR, spec.to_dict())
+    study.set_user_attr(attrs.SPEC, spec.to_dict())
     if artifacts:
-        study.set_user_attr(ARTIFACTS_ATTR, artifacts)
+        study.set_user_attr(attrs.ARTIFACTS, artifacts)
     return study, True
 
 
@@ -73,7 +71,7 @@ def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseS
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "qmc":
         return optuna.samplers.QMCSampler(seed=seed)
-    startup = max(3, min(10, spec.n_trials // 4))
+    startup = max(3, min(10, (spec.n_trials or 40) // 4))
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
                                       constant_liar=True)
 
@@ -90,25 +88,12 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def count_states(storage: RDBStorage, study_id: int) -> dict[str, int]:
-    """Trials per state with one ``GROUP BY`` (no trial rows are loaded)."""
-    query = sqlalchemy.text("SELECT state, COUNT(*) FROM trials WHERE study_id = :sid "
-                            "GROUP BY state")
-    with storage.engine.connect() as conn:
-        rows = conn.execute(query, {"sid": study_id}).all()
-    return {_state_name(state): n for state, n in rows}
-
-
-def _state_name(state: Any) -> str:
-    return state.name if hasattr(state, "name") else str(state)
-
-
 def _stored_spec(storage: RDBStorage, name: str) -> StudySpec | None:
     try:
         study_id = storage.get_study_id_from_name(name)
     except KeyError:
         return None
-    raw = storage.get_study_user_attrs(study_id).get(SPEC_ATTR)
+    raw = storage.get_study_user_attrs(study_id).get(attrs.SPEC)
     if raw is None:
         raise UserError(f"study {name!r} was not created by tuner (it has no spec); "
                         "create it with `tuner create STUDY.toml`")

@@ -342,9 +342,10 @@ def _child_work(args: argparse.Namespace, prefix: str) -> int:
     epochs = _epochs(storage, args.study)
     print(f"{prefix} process {os.getpid()} working on study {args.study!r}", flush=True)
     summary = work(storage, args.study, n_trials=args.n_trials, timeout=args.timeout,
-                   artifacts=args.artifacts, seed_offset=args.seed_offset,
+                   artifacts=args.artifacts, seed_offset=args.seed_offset, hung_exit=EXIT_CRASHED,
                    progress=lambda o: print(f"{prefix} {format_outcome(o, epochs)}",
-                                            flush=True))
+                                            flush=True),
+                   notice=lambda line: print(f"{prefix} {line}", flush=True))
     print(f"{prefix} done after {summary.trials_run} trial"
           f"{'' if summary.trials_run == 1 else 's'}: {summary.stopped_because}", flush=True)
     return EXIT_DONE

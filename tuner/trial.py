@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import keras
 import optuna
 
+from tuner import attrs
 from tuner.augment import build_augmentation
 from tuner.data import Arrays
 from tuner.models import resolve_family
@@ -56,10 +57,10 @@ class TrialResult:
         return self.val_loss - self.train_loss
 
     def attrs(self) -> dict[str, float | int | None]:
-        return {"val_accuracy": self.val_accuracy, "train_loss": self.train_loss,
-                "gap": self.gap, "keras_val_loss": self.keras_val_loss,
-                "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
-                "pruned_at": self.pruned_at, "seconds": round(self.seconds, 3)}
+        return {attrs.VAL_ACCURACY: self.val_accuracy, attrs.TRAIN_LOSS: self.train_loss,
+                attrs.GAP: self.gap, attrs.KERAS_VAL_LOSS: self.keras_val_loss,
+                attrs.BEST_EPOCH: self.best_epoch, attrs.EPOCHS_RUN: self.epochs_run,
+                attrs.PRUNED_AT: self.pruned_at, attrs.SECONDS: round(self.seconds, 3)}
 
 
 def build_model(hp: Hyperparams, spec: StudySpec, seed: int | None = None) -> keras.Model:
@@ -85,12 +86,19 @@ def with_shape(hp: Hyperparams, arrays: Arrays) -> Hyperparams:
 
 
 class _EpochReporter(keras.callbacks.Callback):
-    """Reports val xent to Optuna each epoch, stops on NaN, and stops when the pruner says so."""
+    """Reports val xent to Optuna each epoch, stops on NaN, and stops when the pruner says so.
 
-    def __init__(self, trial: optuna.Trial) -> None:
+    It also keeps the trial's learning curves in the attribute ``curve``, updated every epoch
+    (pruned and running trials have theirs too): ``t`` is seconds since the trial started at
+    each epoch's end, ``train_loss`` and ``val_loss`` the cross-entropies.
+    """
+
+    def __init__(self, trial: optuna.Trial, started: float) -> None:
         super().__init__()
         self.trial = trial
+        self.started = started
         self.history: list[dict[str, float]] = []
+        self.curve: dict[str, list[float]] = {"t": [], "train_loss": [], "val_loss": []}
         self.pruned_at: int | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -101,6 +109,10 @@ class _EpochReporter(keras.callbacks.Callback):
             if not math.isfinite(logs.get(key, float("nan"))):
                 raise TrialDiverged(f"{key.replace('xent', 'loss')} became "
                                     f"{logs.get(key)} at epoch {epoch + 1}")
+        self.curve["t"].append(round(time.perf_counter() - self.started, 2))
+        self.curve["train_loss"].append(round(float(logs["xent"]), 5))
+        self.curve["val_loss"].append(round(float(value), 5))
+        self.trial.set_user_attr(attrs.CURVE, self.curve)
         self.trial.report(float(value), epoch + 1)
         if self.trial.should_prune():
             self.pruned_at = epoch + 1
@@ -117,14 +129,15 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays,
     them too. The best-epoch model of a completed trial is uploaded to ``artifact_store``.
     """
     started = time.perf_counter()
-    trial.set_user_attr("host", socket.gethostname())
-    trial.set_user_attr("gpu", os.environ.get("CUDA_VISIBLE_DEVICES", "") or "cpu")
+    trial.set_user_attr(attrs.STARTED_AT, round(time.time(), 3))
+    trial.set_user_attr(attrs.HOST, socket.gethostname())
+    trial.set_user_attr(attrs.GPU, os.environ.get("CUDA_VISIBLE_DEVICES", "") or "cpu")
     hp = with_shape(sample(trial, spec), arrays)
     seed = None if spec.seed is None else spec.seed + trial.number
     if seed is not None:
         keras.utils.set_random_seed(seed)
     model = build_model(hp, spec, seed=seed)
-    reporter = _EpochReporter(trial)
+    reporter = _EpochReporter(trial, started)
     stopper = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="min",
                                             patience=spec.model.patience,
                                             restore_best_weights=True)
@@ -166,5 +179,5 @@ def save_model_artifact(model: keras.Model, trial: optuna.Trial,
         artifact_id = optuna.artifacts.upload_artifact(
             artifact_store=artifact_store, file_path=str(path), study_or_trial=trial,
             mimetype="application/octet-stream")
-    trial.set_user_attr("model_artifact", artifact_id)
+    trial.set_user_attr(attrs.MODEL_ARTIFACT, artifact_id)
     return artifact_id

@@ -1,0 +1,426 @@
+"""The claim path (:mod:`tuner.budget`) against the real PostgreSQL: the rules as a table,
+racing processes, a model-based test of claim / finish / die / give back / change the budget,
+and the never-beat check under two time zones. No TensorFlow here."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import optuna
+import pytest
+import sqlalchemy
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from optuna.trial import TrialState
+
+from tuner import attrs
+from tuner.budget import (
+    MAX_RETRY,
+    Budget,
+    Claimed,
+    Claimer,
+    Decision,
+    Usage,
+    decide,
+)
+from tuner.storage import ResilientRDBStorage
+
+INTERVAL, GRACE = 1, 2
+
+
+class _Died(Exception):
+    """A simulated worker process died at this point."""
+
+
+class _Storage(ResilientRDBStorage):
+    """The real storage, with a way to die between creating a trial and its first heartbeat."""
+
+    die_before_heartbeat = False
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        if self.die_before_heartbeat:
+            self.die_before_heartbeat = False
+            raise _Died
+        super().record_heartbeat(trial_id)
+
+
+def _storage(url: str) -> _Storage:
+    return _Storage(url, heartbeat_interval=INTERVAL, grace_period=GRACE,
+                    engine_kwargs={"pool_size": 2, "max_overflow": 2})
+
+
+def _new_study(storage: ResilientRDBStorage, n_trials: int | None,
+               **budget: object) -> optuna.Study:
+    study = optuna.create_study(study_name=f"s-{uuid.uuid4().hex[:10]}", storage=storage)
+    study.set_user_attr(attrs.SPEC, {"n_trials": n_trials, **budget})
+    return study
+
+
+def _set_budget(study: optuna.Study, n_trials: int) -> None:
+    study.set_user_attr(attrs.SPEC, {**study.user_attrs[attrs.SPEC], "n_trials": n_trials})
+
+
+# --- the rules as a table -------------------------------------------------------------------
+
+
+def _usage(complete: int = 0, pruned: int = 0, running: int = 0, waiting: int = 0,
+           failed: int = 0, epochs: int = 0) -> Usage:
+    return Usage(complete, pruned, running, waiting, failed, epochs)
+
+
+@pytest.mark.parametrize(("usage", "budget", "expected"), [
+    (_usage(), Budget(6), Decision.CREATE),
+    (_usage(complete=4, pruned=2), Budget(6), Decision.STOP),
+    (_usage(complete=7), Budget(6), Decision.STOP),  # the budget was shrunk under the study
+    # The hang this module exists to prevent: the dead trial's parameters wait in the queue.
+    (_usage(complete=3, pruned=2, failed=1, waiting=1), Budget(6), Decision.TAKE),
+    (_usage(complete=3, running=2, waiting=1), Budget(6), Decision.TAKE),
+    (_usage(complete=3, running=3), Budget(6), Decision.WAIT),  # one of them may still die
+    (_usage(complete=2, running=3, failed=5), Budget(6), Decision.CREATE),  # FAIL frees a slot
+    # Queued beyond a shrunk budget: run only what fits.
+    (_usage(complete=2, running=2, waiting=3), Budget(4), Decision.WAIT),
+    (_usage(complete=2, running=1, waiting=3), Budget(4), Decision.TAKE),
+    (_usage(complete=50, epochs=99), Budget(None, epochs=100), Decision.CREATE),
+    (_usage(complete=50, epochs=100), Budget(None, epochs=100), Decision.STOP),
+    (_usage(waiting=2, epochs=10), Budget(None, epochs=100), Decision.TAKE),
+    (_usage(complete=1), Budget(None, seconds=60, clock_started=1000.0), Decision.CREATE),
+    (_usage(complete=1, running=1), Budget(None, seconds=60, clock_started=900.0),
+     Decision.STOP),
+    (_usage(), Budget(None, seconds=60), Decision.CREATE),  # the clock starts at the first claim
+])
+def test_decide(usage: Usage, budget: Budget, expected: Decision) -> None:
+    assert decide(usage, budget, now=1000.0).decision is expected
+
+
+def test_a_stop_says_which_budget_is_spent() -> None:
+    assert decide(_usage(complete=6), Budget(6), 0).reason == "study budget of 6 trials is spent"
+    assert decide(_usage(epochs=500), Budget(10, epochs=500), 0).reason == \
+        "study budget of 500 epochs is spent"
+    assert decide(_usage(), Budget(None, seconds=7200, clock_started=0), 7200).reason == \
+        "study time budget of 2h is spent"
+
+
+# --- processes racing for the last slots ------------------------------------------------------
+
+
+def _claim_many(url: str, study_name: str, out: multiprocessing.Queue) -> None:
+    storage = _storage(url)
+    claimer = Claimer(optuna.load_study(study_name=study_name, storage=storage), storage)
+    numbers = []
+    while isinstance(claimed := claimer.claim(), Claimed):
+        numbers.append(claimed.trial.number)
+        claimer.study.tell(claimed.trial, 1.0)
+    out.put(numbers)
+
+
+def test_budget_is_exact_with_racing_processes(pg_url: str) -> None:
+    """Six processes ask as fast as they can: exactly the budget is created, no overshoot."""
+    name = _new_study(_storage(pg_url), 25).study_name
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim_many, args=(pg_url, name, out)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    numbers = sorted(n for _ in procs for n in out.get(timeout=120))
+    for p in procs:
+        p.join(timeout=60)
+    assert numbers == list(range(25))
+    states = [t.state.name for t in optuna.load_study(study_name=name, storage=pg_url).trials]
+    assert states == ["COMPLETE"] * 25
+
+
+# --- retries: crashes are capped, interrupts are not ----------------------------------------
+
+
+def _age_heartbeat(storage: ResilientRDBStorage, trial_id: int) -> None:
+    """Make a trial's heartbeat an hour old: its worker died that long ago."""
+    with storage.engine.begin() as conn:
+        conn.execute(sqlalchemy.text(
+            "UPDATE trial_heartbeats SET heartbeat = heartbeat - INTERVAL '1 hour' "
+            "WHERE trial_id = :t"), {"t": trial_id})
+
+
+def test_interrupts_never_use_up_the_crash_retries(pg_url: str) -> None:
+    storage = _storage(pg_url)
+    study = _new_study(storage, 1)
+    claimer = Claimer(study, storage)
+    for _ in range(MAX_RETRY + 3):  # given back more often than a crash would be retried
+        claimed = claimer.claim()
+        claimed.trial.suggest_float("x", 0, 1)
+        claimer.give_back(claimed.trial)
+    params = {t.params["x"] for t in study.trials if t.state == TrialState.FAIL}
+    assert len(params) == 1  # the same parameters each time
+    deaths = 0
+    while True:  # now its worker keeps dying: retried MAX_RETRY times, then dropped
+        claimed = claimer.claim()
+        if claimed.trial.params.get("x") not in params:
+            break
+        deaths += 1
+        _age_heartbeat(storage, claimed.trial_id)
+        claimer.sweep()
+    assert deaths == MAX_RETRY + 1  # the first run and its retries
+    reasons = [t.user_attrs.get(attrs.FAIL_REASON) for t in study.trials
+               if t.state == TrialState.FAIL]
+    assert reasons.count(attrs.INTERRUPTED) == MAX_RETRY + 3
+
+
+# --- the never-beat check does not read the worker's local clock --------------------------------
+
+
+@contextmanager
+def _time_zone(name: str) -> Iterator[None]:
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = name
+    time.tzset()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
+
+
+@pytest.mark.parametrize(("creator", "judge"), [("Europe/Berlin", "America/New_York"),
+                                                ("America/New_York", "Europe/Berlin")])
+def test_a_trial_that_never_beat_is_failed_after_the_grace_period_in_any_time_zone(
+        pg_url: str, creator: str, judge: str) -> None:
+    storage = _storage(pg_url)
+    study = _new_study(storage, 2)
+    with _time_zone(creator):
+        storage.die_before_heartbeat = True
+        with pytest.raises(_Died):
+            Claimer(study, storage).claim_once()  # created, then its process died
+    with _time_zone(judge):
+        other = Claimer(optuna.load_study(study_name=study.study_name, storage=storage),
+                        storage)
+        started = time.monotonic()
+        while study.trials[0].state == TrialState.RUNNING:
+            other.sweep()
+            assert time.monotonic() - started < GRACE + 5, "never failed"
+            time.sleep(0.2)
+        waited = time.monotonic() - started
+    assert waited >= GRACE - 0.1  # not failed early: it had no chance to beat yet
+    assert study.trials[0].state == TrialState.FAIL
+    assert study.trials[1].state == TrialState.WAITING  # queued to run again
+
+
+# --- a changed budget holds for workers that are already claiming ---------------------------------
+
+
+def test_budget_shrunk_and_raised_under_running_workers(pg_url: str) -> None:
+    storage = _storage(pg_url)
+    study = _new_study(storage, 6)
+    a, b = (Claimer(optuna.load_study(study_name=study.study_name, storage=storage), storage)
+            for _ in range(2))
+    first = a.claim()
+    a.study.tell(first.trial, 1.0)
+    held = b.claim()
+    _set_budget(study, 2)  # shrunk: one finished, one running = the whole budget
+    assert a.claim_once()[0].decision is Decision.WAIT
+    b.study.tell(held.trial, 1.0)
+    assert a.claim_once()[0].decision is Decision.STOP
+    _set_budget(study, 3)  # raised: one more
+    verdict, trial_id = a.claim_once()
+    assert verdict.decision is Decision.CREATE and trial_id is not None
+
+
+# --- the model-based test ----------------------------------------------------------------------
+
+WORKERS = 3
+
+
+class ClaimPath(RuleBasedStateMachine):
+    """Simulated workers drive the real claim path; the study must always be able to finish.
+
+    A worker is idle, or holds a trial. It may claim, complete, prune or fail its trial, give it
+    back, die (its heartbeat goes stale and it starts again idle) or die between creating a
+    trial and its first heartbeat; the budget may change; time may pass. Sweeps judge the dead.
+    """
+
+    url: str
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storage = _storage(self.url)
+        self.now = 1000.0
+        self.held: dict[int, tuple[optuna.Trial, int]] = {}
+        self.dead: set[int] = set()  # trial ids abandoned by dead workers
+        self.shrunk = False
+        self.claimers: list[Claimer] = []
+        self.steps = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    @initialize(n_trials=st.integers(1, 8))
+    def start(self, n_trials: int) -> None:
+        self.n_trials = self.allowed = n_trials
+        self.study = _new_study(self.storage, n_trials)
+        self.claimers = [
+            Claimer(optuna.load_study(study_name=self.study.study_name, storage=self.storage),
+                    self.storage, clock=self.clock) for _ in range(WORKERS)]
+
+    def usage(self) -> Usage:
+        return self.claimers[0].state()[0]
+
+    def beat(self) -> None:
+        """The heartbeat threads of the live workers."""
+        for _, trial_id in self.held.values():
+            self.storage.record_heartbeat(trial_id)
+
+    # --- rules ---
+
+    @rule(w=st.integers(0, WORKERS - 1))
+    def claim(self, w: int) -> None:
+        if w in self.held:
+            return
+        self.beat()
+        verdict, trial_id = self.claimers[w].claim_once()
+        self.steps += 1
+        usage = self.usage()
+        if verdict.decision is Decision.WAIT:
+            # never wait while a queued trial could run
+            assert not (usage.waiting and usage.finished + usage.running < self.n_trials), usage
+        if trial_id is not None:
+            self.held[w] = (self.claimers[w]._trial(trial_id), trial_id)
+            self.held[w][0].suggest_float("x", 0.0, 1.0)
+        else:
+            assert verdict.decision in (Decision.STOP, Decision.WAIT)
+
+    @rule(w=st.integers(0, WORKERS - 1),
+          end=st.sampled_from(["complete", "prune", "fail", "give back"]))
+    def finish(self, w: int, end: str) -> None:
+        if w not in self.held:
+            return
+        trial, _ = self.held.pop(w)
+        study = self.claimers[w].study
+        if end == "complete":
+            study.tell(trial, trial.params["x"])
+        elif end == "prune":
+            study.tell(trial, state=TrialState.PRUNED)
+        elif end == "fail":
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            self.claimers[w].give_back(trial)
+
+    @rule(w=st.integers(0, WORKERS - 1))
+    def die(self, w: int) -> None:
+        if w not in self.held:
+            return
+        _, trial_id = self.held.pop(w)
+        _age_heartbeat(self.storage, trial_id)
+        self.dead.add(trial_id)
+        self.claimers[w] = Claimer(self.claimers[w].study, self.storage, clock=self.clock)
+
+    @rule(w=st.integers(0, WORKERS - 1))
+    def die_before_first_heartbeat(self, w: int) -> None:
+        if w in self.held:
+            return
+        self.beat()
+        self.storage.die_before_heartbeat = True
+        try:
+            self.claimers[w].claim_once()
+        except _Died:
+            pass
+        finally:
+            self.storage.die_before_heartbeat = False
+        self.claimers[w] = Claimer(self.claimers[w].study, self.storage, clock=self.clock)
+
+    @rule(n_trials=st.integers(1, 10))
+    def change_budget(self, n_trials: int) -> None:
+        usage = self.usage()
+        _set_budget(self.study, n_trials)
+        self.shrunk |= n_trials < self.n_trials
+        self.n_trials = n_trials
+        self.allowed = max(n_trials, usage.finished + usage.running)
+
+    @rule(seconds=st.floats(0.1, 3.0))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+
+    @precondition(lambda self: self.claimers)
+    @rule(w=st.integers(0, WORKERS - 1))
+    def sweep_after_the_grace_period(self, w: int) -> None:
+        """Once a grace period has passed, every dead trial is failed and queued again."""
+        self.beat()
+        self.claimers[w].sweep()  # sees trials that never beat
+        self.now += GRACE
+        self.claimers[w].sweep()
+        states = {t._trial_id: t for t in self.study.get_trials(deepcopy=False)}
+        for trial_id in self.dead:
+            assert states[trial_id].state == TrialState.FAIL
+        held = {trial_id for _, trial_id in self.held.values()}
+        running = {i for i, t in states.items() if t.state == TrialState.RUNNING}
+        assert running <= held, "a dead trial is still RUNNING after the grace period"
+        self.dead.clear()
+
+    # --- invariants ---
+
+    @invariant()
+    def never_past_the_budget(self) -> None:
+        if self.claimers:
+            assert self.usage().finished <= self.allowed
+
+    @invariant()
+    def retries_are_capped(self) -> None:
+        if self.claimers:
+            for t in self.study.get_trials(deepcopy=False):
+                assert len(t.system_attrs.get("retry_history", [])) <= MAX_RETRY
+
+    def teardown(self) -> None:
+        """Workers that keep claiming and completing finish the study, exactly."""
+        try:
+            if self.claimers:
+                self._finish_the_study()
+        finally:
+            self.storage.engine.dispose()
+
+    def _finish_the_study(self) -> None:
+        stopped: set[int] = set()
+        for _ in range(60 * WORKERS):
+            self.beat()
+            for w in range(WORKERS):
+                if w in self.held:
+                    trial, _ = self.held.pop(w)
+                    self.claimers[w].study.tell(trial, 0.5)
+                elif w not in stopped:
+                    verdict, trial_id = self.claimers[w].claim_once()
+                    if verdict.decision is Decision.STOP:
+                        stopped.add(w)
+                    elif trial_id is not None:
+                        self.held[w] = (self.claimers[w]._trial(trial_id), trial_id)
+            if len(stopped) == WORKERS:
+                break
+            self.now += GRACE  # let dead trials be judged
+        else:
+            pytest.fail(f"the study never finished: {self.usage()}")
+        usage = self.usage()
+        assert self.n_trials <= usage.finished <= self.allowed
+        if not self.shrunk:
+            assert usage.finished == self.n_trials
+            assert usage.running == 0 and usage.waiting == 0, usage
+
+
+def test_claim_path_model(pg_url: str) -> None:
+    ClaimPath.url = pg_url
+    started = time.monotonic()
+    run_state_machine_as_test(ClaimPath, settings=settings(
+        max_examples=int(os.environ.get("TUNER_MODEL_EXAMPLES", "25")),
+        stateful_step_count=30, deadline=None, derandomize=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+    print(f"\n[claim path model] {time.monotonic() - started:.0f}s")

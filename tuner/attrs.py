@@ -1,0 +1,39 @@
+"""The names tuner writes into Optuna's attribute tables, and what "finished" means.
+
+Everything a user, the dashboard or Optuna's CLI reads back is spelled here once: a study's
+attributes (its spec, where its models live, when its clock started) and a trial's (what it
+measured, where it ran, why it failed). Readers and writers import the constant, never the
+string.
+"""
+
+from __future__ import annotations
+
+from optuna.trial import TrialState
+
+# --- study attributes ----------------------------------------------------------------------
+SPEC = "spec"  # the study file as JSON: what every worker needs to run a trial
+ARTIFACTS = "artifacts"  # the directory of saved models, recorded when the study was created
+CLOCK_STARTED = "clock_started_at"  # UTC seconds when the first trial was claimed (time budget)
+
+# --- trial attributes ----------------------------------------------------------------------
+HOST = "host"
+GPU = "gpu"
+PID = "pid"
+STARTED_AT = "started_at"  # UTC seconds; the trial's own clock, whatever the worker's time zone
+CURVE = "curve"  # per epoch: {"t": [seconds since STARTED_AT], "train_loss": [], "val_loss": []}
+VAL_ACCURACY = "val_accuracy"
+TRAIN_LOSS = "train_loss"
+GAP = "gap"
+KERAS_VAL_LOSS = "keras_val_loss"
+BEST_EPOCH = "best_epoch"
+EPOCHS_RUN = "epochs_run"
+PRUNED_AT = "pruned_at"
+SECONDS = "seconds"
+MODEL_ARTIFACT = "model_artifact"
+FAIL_REASON = "fail_reason"
+
+# Why a trial failed, when tuner (not the model) ended it.
+INTERRUPTED = "interrupted"  # given back on SIGTERM/Ctrl-C: its parameters run again
+
+# --- states ---------------------------------------------------------------------------------
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what uses up a study's trial budget

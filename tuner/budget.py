@@ -1,0 +1,428 @@
+"""The claim path: how a worker gets its next trial within the study's budget.
+
+The budget belongs to the study, not to a worker: ``n_trials`` (and, if the study file sets
+them, an epoch budget and a time budget) hold across every worker on every node. Under one
+lock shared by all of them (:func:`budget_lock`), a worker asking for work counts the study's
+trials and decides, in this order (:func:`decide`):
+
+====  ============================================================  =========================
+step  when                                                          the worker
+====  ============================================================  =========================
+1     finished >= n_trials, or the epoch or time budget is spent    stops
+2     a queued trial exists and finished + running < n_trials       takes the oldest queued
+3     finished + running + queued < n_trials                        creates a new trial
+4     otherwise                                                     waits, then asks again
+====  ============================================================  =========================
+
+*finished* is COMPLETE + PRUNED; FAIL never counts. A *queued* (WAITING) trial holds the
+parameters of a trial whose worker died or gave it back, so step 2 runs it before anything
+new. A worker waits (step 4) only while every slot left is held by a running trial: one of them
+may still die and be queued again, and someone must be there to run it. The wait obeys
+signals. The budget is read from the study at every claim, so a changed ``n_trials`` holds at
+the next claim of every running worker. Epochs count every reported epoch of every trial
+(pruned, failed and running ones too: GPU time was spent on them); the time budget counts from
+the first claim. With an epoch or time budget a running trial always finishes, so the study
+may end a little past it.
+
+Dead trials: a running trial whose heartbeat is older than the grace period, or that this
+process has seen without any heartbeat for a grace period, is failed and its parameters
+queued again, at most :data:`MAX_RETRY` times (a trial that kills its worker each time is not
+retried for ever). A trial given back on SIGTERM or Ctrl-C is queued without counting toward
+that cap: an interrupt is not the trial's fault.
+
+This is the only module that touches Optuna's internals (a study's storage and id, a trial's
+id, the storage's stale-trial query).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import math
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import exc as sa_exc
+
+from tuner import attrs, optuna_sql
+from tuner.storage import (
+    db_retry_seconds,
+    is_disconnect,
+    retry_interval,
+    retry_on_disconnect,
+)
+
+MAX_RETRY = 3  # times the parameters of a trial whose worker died are run again
+POLL_SECONDS = 2.0  # how often a waiting worker asks again
+
+
+class Decision(enum.Enum):
+    STOP = "stop"
+    TAKE = "take a queued trial"
+    CREATE = "create a trial"
+    WAIT = "wait"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the study may spend; ``None`` means no limit of that kind."""
+
+    n_trials: int | None = None
+    epochs: int | None = None
+    seconds: float | None = None
+    clock_started: float | None = None  # UTC seconds of the first claim
+    trial_timeout: float | None = None  # not a limit on the study: on each trial it starts
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], clock_started: float | None = None) -> Budget:
+        """From a stored spec (the JSON form of :class:`tuner.spec.StudySpec`)."""
+        return cls(spec.get("n_trials"), spec.get("epoch_budget"), spec.get("time_budget"),
+                   clock_started, spec.get("trial_timeout"))
+
+    def describe(self) -> str:
+        """``24 trials``, ``600 epochs`` or ``8h``, the way a user wrote the budget."""
+        parts = []
+        if self.n_trials is not None:
+            parts.append(f"{self.n_trials} trials")
+        if self.epochs is not None:
+            parts.append(f"{self.epochs} epochs")
+        if self.seconds is not None:
+            parts.append(describe_duration(self.seconds))
+        return ", ".join(parts) or "no limit"
+
+    def progress(self, usage: Usage, now: float | None = None) -> str:
+        """``3 of 24 trials finished``, with the epochs and time spent when those are limited."""
+        n = f" of {self.n_trials}" if self.n_trials is not None else ""
+        parts = [f"{usage.finished}{n} trials finished"]
+        if self.epochs is not None:
+            parts.append(f"{usage.epochs} of {self.epochs} epochs")
+        if self.seconds is not None:
+            spent = 0.0 if self.clock_started is None else \
+                max(0.0, (now or time.time()) - self.clock_started)
+            parts.append(f"{describe_duration(round(spent))} of {describe_duration(self.seconds)}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A study's trials by state, and the epochs they trained."""
+
+    complete: int = 0
+    pruned: int = 0
+    running: int = 0
+    waiting: int = 0
+    failed: int = 0
+    epochs: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int], epochs: int = 0) -> Usage:
+        return cls(counts.get("COMPLETE", 0), counts.get("PRUNED", 0), counts.get("RUNNING", 0),
+                   counts.get("WAITING", 0), counts.get("FAIL", 0), epochs)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: Decision
+    reason: str = ""  # why a worker stops, for its last line
+
+
+def decide(usage: Usage, budget: Budget, now: float) -> Verdict:
+    """The rules of the module docstring, as a pure function (``now``: UTC seconds)."""
+    n = budget.n_trials
+    if n is not None and usage.finished >= n:
+        return Verdict(Decision.STOP, f"study budget of {n} trials is spent")
+    if budget.epochs is not None and usage.epochs >= budget.epochs:
+        return Verdict(Decision.STOP, f"study budget of {budget.epochs} epochs is spent")
+    if (budget.seconds is not None and budget.clock_started is not None
+            and now - budget.clock_started >= budget.seconds):
+        return Verdict(Decision.STOP, f"study time budget of {describe_duration(budget.seconds)} "
+                                      "is spent")
+    if usage.waiting and (n is None or usage.finished + usage.running < n):
+        return Verdict(Decision.TAKE)
+    if n is None or usage.finished + usage.running + usage.waiting < n:
+        return Verdict(Decision.CREATE)
+    return Verdict(Decision.WAIT)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A trial this worker now holds: RUNNING, with its first heartbeat written."""
+
+    trial: optuna.Trial
+    trial_id: int
+    timeout: float | None = None  # the study's trial_timeout when it was claimed
+
+
+class Claimer:
+    """One worker's side of the claim path on one study (see the module docstring).
+
+    ``clock`` (monotonic seconds) times the sweeps and how long a trial has gone without any
+    heartbeat; tests pass their own.
+    """
+
+    def __init__(self, study: optuna.Study, storage: RDBStorage,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.study, self.storage, self.clock = study, storage, clock
+        self._last_sweep = -math.inf
+        self._silent_since: dict[int, float] = {}
+        self._sweep_lock = threading.Lock()  # the heartbeat thread sweeps too
+
+    @property
+    def study_id(self) -> int:
+        return self.study._study_id
+
+    # --- reading the budget -----------------------------------------------------------------
+
+    def state(self) -> tuple[Usage, Budget]:
+        """The study's usage and budget now, read in one connection."""
+        with self.storage.engine.connect() as conn:
+            spec = optuna_sql.study_attr(conn, self.study_id, attrs.SPEC) or {}
+            budget = Budget.from_spec(spec, optuna_sql.study_attr(conn, self.study_id,
+                                                                  attrs.CLOCK_STARTED))
+            epochs = (optuna_sql.epochs_reported(conn, self.study_id)
+                      if budget.epochs is not None else 0)
+            usage = Usage.from_counts(optuna_sql.count_states(conn, self.study_id), epochs)
+        return usage, budget
+
+    def verdict(self) -> Verdict:
+        """What a claim would decide now, without the lock (for a cheap early stop)."""
+        usage, budget = retry_on_disconnect(self.storage, self.state)
+        return decide(usage, budget, time.time())
+
+    # --- claiming ---------------------------------------------------------------------------
+
+    def claim(self, wait: Callable[[float], None] = time.sleep) -> Claimed | Verdict:
+        """The next trial, or the :class:`Verdict` to stop. ``wait(seconds)`` between tries
+        may raise to abandon the claim (a signal); no trial is held while it waits.
+
+        The sampler runs after the lock is released, so a sampler that reads the whole
+        history (TPE) never makes other workers wait.
+        """
+        while True:
+            verdict, trial_id, budget = retry_on_disconnect(self.storage, self._claim_once)
+            if trial_id is not None:
+                trial = retry_on_disconnect(self.storage, lambda i=trial_id: self._trial(i))
+                return Claimed(trial, trial_id, budget.trial_timeout)
+            if verdict.decision is Decision.STOP:
+                return verdict
+            wait(POLL_SECONDS)
+
+    def claim_once(self) -> tuple[Verdict, int | None]:
+        return self._claim_once()[:2]
+
+    def _claim_once(self) -> tuple[Verdict, int | None, Budget]:
+        """One decision under the lock: a RUNNING trial id with its first heartbeat, or none."""
+        with budget_lock(self.storage, self.study.study_name):
+            if self._sweep_due():
+                self._sweep()
+            usage, budget = self.state()
+            verdict = decide(usage, budget, time.time())
+            trial_id = None
+            if verdict.decision is Decision.TAKE:
+                trial_id = self._pop_waiting()
+            if verdict.decision is Decision.CREATE or (
+                    verdict.decision is Decision.TAKE and trial_id is None):
+                # Through the study's own (caching) storage, as Study.ask does, so the trial's
+                # parameters can be set through it later.
+                trial_id = self.study._storage.create_new_trial(self.study_id)
+            if trial_id is not None:
+                if self.storage.get_heartbeat_interval():
+                    self.storage.record_heartbeat(trial_id)
+                if budget.seconds is not None and budget.clock_started is None:
+                    self.study.set_user_attr(attrs.CLOCK_STARTED, time.time())
+        return verdict, trial_id, budget
+
+    def _trial(self, trial_id: int) -> optuna.Trial:
+        """What ``Study.ask`` does once it has a trial id: drop the cached history."""
+        self.study._thread_local.cached_all_trials = None  # as Study.ask does (optuna 5)
+        return optuna.Trial(self.study, trial_id)
+
+    def _pop_waiting(self) -> int | None:
+        """The oldest queued trial, now RUNNING (the caller holds the budget lock)."""
+        storage = self.study._storage
+        for queued in storage.get_all_trials(self.study_id, deepcopy=False,
+                                             states=(TrialState.WAITING,)):
+            try:
+                if storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
+                    return queued._trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
+
+    # --- giving back ------------------------------------------------------------------------
+
+    def give_back(self, trial: optuna.Trial, reason: str = attrs.INTERRUPTED) -> None:
+        """Fail ``trial`` with ``reason`` and queue its parameters again, as one budget step.
+
+        Not counted as a retry: the trial did nothing wrong.
+        """
+        with budget_lock(self.storage, self.study.study_name):
+            try:
+                trial.set_user_attr(attrs.FAIL_REASON, reason)
+                frozen = self.study.tell(trial, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return  # another worker already judged it dead and queued it again
+            self._requeue(frozen, counts_as_retry=False)
+
+    def _requeue(self, failed: FrozenTrial, *, counts_as_retry: bool) -> bool:
+        """Queue ``failed``'s parameters as a WAITING trial; ``False`` past the retry cap.
+
+        Like Optuna's ``RetryHeartbeatStaleTrialCallback`` (same ``failed_trial`` and
+        ``retry_history`` system attributes), but without the dead run's user attributes:
+        its host, GPU and fail reason would be reported for the run that completes.
+        """
+        system = dict(failed.system_attrs)
+        history = list(system.get("retry_history", []))
+        if counts_as_retry:
+            history.append(failed.number)
+            if len(history) > MAX_RETRY:
+                return False
+        system.setdefault("failed_trial", failed.number)
+        system["retry_history"] = history
+        self.study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
+            system_attrs=system))
+        return True
+
+    # --- dead trials ------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Fail (and queue again) other workers' dead trials, under the budget lock."""
+        if not self.storage.get_heartbeat_interval():
+            return
+        with budget_lock(self.storage, self.study.study_name):
+            self._sweep()
+
+    def _sweep_due(self) -> bool:
+        """At most one sweep per heartbeat interval per process when claiming.
+
+        A dead trial cannot be told from a live one sooner than that, and a worker claiming in
+        a tight loop (tiny models, many workers) would otherwise run the sweep's queries on
+        every claim. The heartbeat thread sweeps every grace period as well.
+        """
+        interval = self.storage.get_heartbeat_interval()
+        now = self.clock()
+        if not interval or now - self._last_sweep < interval:
+            return False
+        self._last_sweep = now
+        return True
+
+    def _sweep(self) -> None:
+        with self._sweep_lock:
+            if not self._may_judge_others():
+                return
+            for trial_id in self.storage._get_stale_trial_ids(self.study_id):
+                self._fail_dead(trial_id)
+            now = self.clock()
+            with self.storage.engine.connect() as conn:
+                silent = optuna_sql.running_without_heartbeat(conn, self.study_id)
+            # A trial whose process died between its creation and its first heartbeat. Timed
+            # by this process's clock from when it first saw it: the trial's own start time
+            # is the creating worker's local time, which says nothing in another time zone.
+            self._silent_since = {i: self._silent_since.get(i, now) for i in silent}
+            for trial_id, since in list(self._silent_since.items()):
+                if now - since >= grace_period(self.storage):
+                    self._fail_dead(trial_id)
+                    del self._silent_since[trial_id]
+
+    def _fail_dead(self, trial_id: int) -> None:
+        try:
+            if not self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                return
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # finished, or another worker was faster
+        self._requeue(self.storage.get_trial(trial_id), counts_as_retry=True)
+
+    def _may_judge_others(self) -> bool:
+        """False for a while after the database came back from an outage or a restart.
+
+        During an outage nobody can beat; right after it every heartbeat looks old. Judging
+        trials dead then would fail live ones, so the other workers first get a grace period
+        (plus the longest retry pause) to beat again. A process that slept through a restart
+        only sees it in the server's start time.
+        """
+        wait = (grace_period(self.storage) + retry_interval(10)
+                + (self.storage.get_heartbeat_interval() or 0))
+        recovered = getattr(self.storage, "last_recovered", None)
+        if recovered is not None and time.monotonic() - recovered < wait:
+            return False
+        with self.storage.engine.connect() as conn:
+            uptime = optuna_sql.server_uptime(conn)
+        return uptime is None or uptime >= wait
+
+
+def grace_period(storage: RDBStorage) -> float:
+    """Seconds without a heartbeat after which a running trial is taken for dead."""
+    interval = storage.get_heartbeat_interval() or 0
+    return float(getattr(storage, "grace_period", None) or 2 * interval)
+
+
+@contextlib.contextmanager
+def budget_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
+    """Hold a lock shared by every process that uses this study's database.
+
+    PostgreSQL: a transaction-level advisory lock, so it also works behind PgBouncer in
+    transaction mode and dies with its connection. SQLite: a file lock beside the database.
+    """
+    url = storage.engine.url
+    if url.get_backend_name() == "postgresql":
+        key = zlib.crc32(f"tuner-budget:{study_name}".encode())
+        deadline = time.monotonic() + db_retry_seconds()
+        attempt = 0
+        while True:
+            try:
+                conn = storage.engine.connect()
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+                break
+            except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+                if not is_disconnect(exc) or time.monotonic() > deadline:
+                    raise
+                storage.engine.dispose()
+                time.sleep(retry_interval(attempt))
+                attempt += 1
+        try:
+            yield
+        finally:
+            try:
+                conn.commit()  # ends the transaction, which releases the lock
+            except sa_exc.SQLAlchemyError:
+                pass  # the server went away: the lock went with the session
+            finally:
+                conn.close()
+    elif url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        with open(f"{url.database}.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    else:
+        yield  # other databases: best effort
+
+
+def describe_duration(seconds: float) -> str:
+    """``90s``, ``30m``, ``8h`` as a study file writes them; ``1h 05m`` when not round."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    whole = int(round(seconds))
+    if whole < 60:
+        return f"{seconds:g}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d {whole % 86400 // 3600:02d}h"

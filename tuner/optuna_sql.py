@@ -1,0 +1,122 @@
+"""Every query tuner runs on Optuna's own tables, in one place.
+
+Optuna's storage API loads whole trials; a budget check, ``tuner status`` on 10,000 trials or
+a sweep for dead workers needs a count or a few ids. These read-only queries use the
+``studies``, ``trials``, ``trial_heartbeats``, ``trial_intermediate_values`` and
+``*_attributes`` tables of Optuna's schema (stable since Optuna 3) and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlalchemy
+
+_text = sqlalchemy.text
+
+
+def state_name(state: Any) -> str:
+    """A trial state as stored (an enum on PostgreSQL, a string on SQLite) → its name."""
+    return state.name if hasattr(state, "name") else str(state)
+
+
+def count_states(conn: sqlalchemy.Connection, study_id: int) -> dict[str, int]:
+    """Trials per state name with one ``GROUP BY`` (no trial rows are loaded)."""
+    rows = conn.execute(_text("SELECT state, COUNT(*) FROM trials WHERE study_id = :sid "
+                              "GROUP BY state"), {"sid": study_id}).all()
+    return {state_name(state): n for state, n in rows}
+
+
+def epochs_reported(conn: sqlalchemy.Connection, study_id: int) -> int:
+    """Epochs trained in the whole study, every state: one reported value per epoch."""
+    return int(conn.execute(_text(
+        "SELECT COUNT(*) FROM trial_intermediate_values v JOIN trials t "
+        "ON t.trial_id = v.trial_id WHERE t.study_id = :sid"), {"sid": study_id}).scalar_one())
+
+
+def study_attr(conn: sqlalchemy.Connection, study_id: int, key: str) -> Any:
+    """One study user attribute, decoded (``None`` if absent)."""
+    row = conn.execute(_text(
+        "SELECT value_json FROM study_user_attributes WHERE study_id = :sid AND key = :key"),
+        {"sid": study_id, "key": key}).first()
+    return json.loads(row[0]) if row else None
+
+
+def running_without_heartbeat(conn: sqlalchemy.Connection, study_id: int) -> list[int]:
+    """Ids of RUNNING trials that never recorded a heartbeat."""
+    return [row[0] for row in conn.execute(_text(
+        "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h "
+        "ON h.trial_id = t.trial_id WHERE t.study_id = :sid AND t.state = 'RUNNING' "
+        "AND h.trial_id IS NULL"), {"sid": study_id})]
+
+
+def server_uptime(conn: sqlalchemy.Connection) -> float | None:
+    """Seconds since the database server started (PostgreSQL only; ``None`` elsewhere)."""
+    if conn.engine.url.get_backend_name() != "postgresql":
+        return None
+    return float(conn.execute(_text(
+        "SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time())")).scalar_one())
+
+
+def running_trials(conn: sqlalchemy.Connection, study_id: int, keys: tuple[str, ...]
+                   ) -> list[dict[str, Any]]:
+    """Each RUNNING trial: ``number``, ``heartbeat_age`` (seconds, by the database's clock,
+    which writes the heartbeats), the last reported ``step``, and the user attributes
+    ``keys``."""
+    rows = conn.execute(_text(
+        "SELECT t.trial_id, t.number, h.heartbeat FROM trials t "
+        "LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+        "WHERE t.study_id = :sid AND t.state = 'RUNNING' ORDER BY t.number"
+    ).columns(sqlalchemy.column("trial_id", sqlalchemy.Integer),
+              sqlalchemy.column("number", sqlalchemy.Integer),
+              sqlalchemy.column("heartbeat", sqlalchemy.DateTime)), {"sid": study_id}).all()
+    if not rows:
+        return []
+    ids = {"ids": [r[0] for r in rows], "keys": list(keys)}
+    expanding = (sqlalchemy.bindparam("ids", expanding=True),
+                 sqlalchemy.bindparam("keys", expanding=True))
+    found: dict[int, dict[str, Any]] = {r[0]: {} for r in rows}
+    for trial_id, key, value in conn.execute(_text(
+            "SELECT trial_id, key, value_json FROM trial_user_attributes "
+            "WHERE trial_id IN :ids AND key IN :keys").bindparams(*expanding), ids):
+        found[trial_id][key] = json.loads(value)
+    steps = dict(conn.execute(_text(
+        "SELECT trial_id, MAX(step) FROM trial_intermediate_values WHERE trial_id IN :ids "
+        "GROUP BY trial_id").bindparams(expanding[0]), {"ids": ids["ids"]}).all())
+    db_now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()
+    db_now = db_now.replace(tzinfo=None) if db_now is not None else None
+    return [{"number": number, "step": steps.get(trial_id), **found[trial_id],
+             "heartbeat_age": (None if beat is None or db_now is None
+                               else max(0.0, (db_now - beat).total_seconds()))}
+            for trial_id, number, beat in rows]
+
+
+def best_trial(conn: sqlalchemy.Connection, study_id: int) -> dict[str, Any] | None:
+    """The best finite COMPLETE trial of a single-objective study: ``trial_id``, ``number``,
+    ``value`` and ``datetime_complete`` (as Optuna wrote it: the worker's local time)."""
+    direction = conn.execute(_text(
+        "SELECT direction FROM study_directions WHERE study_id = :sid AND objective = 0"),
+        {"sid": study_id}).scalar()
+    order = "DESC" if direction is not None and state_name(direction) == "MAXIMIZE" else "ASC"
+    row = conn.execute(_text(
+        "SELECT t.trial_id, t.number, v.value, t.datetime_complete FROM trials t "
+        "JOIN trial_values v ON v.trial_id = t.trial_id "
+        "WHERE t.study_id = :sid AND t.state = 'COMPLETE' AND v.objective = 0 "
+        f"AND v.value_type = 'FINITE' ORDER BY v.value {order}, t.number LIMIT 1"
+    ).columns(sqlalchemy.column("trial_id", sqlalchemy.Integer),
+              sqlalchemy.column("number", sqlalchemy.Integer),
+              sqlalchemy.column("value", sqlalchemy.Float),
+              sqlalchemy.column("datetime_complete", sqlalchemy.DateTime)),
+        {"sid": study_id}).first()
+    return None if row is None else dict(row._mapping)
+
+
+def trial_attrs(conn: sqlalchemy.Connection, trial_id: int, keys: tuple[str, ...]
+                ) -> dict[str, Any]:
+    """The user attributes ``keys`` of one trial (absent ones are left out)."""
+    rows = conn.execute(_text(
+        "SELECT key, value_json FROM trial_user_attributes WHERE trial_id = :tid "
+        "AND key IN :keys").bindparams(sqlalchemy.bindparam("keys", expanding=True)),
+        {"tid": trial_id, "keys": list(keys)}).all()
+    return {key: json.loads(value) for key, value in rows}
