@@ -64,9 +64,10 @@ def main() -> None:
     from optuna.trial import TrialState
 
     from tuner import study as studies
+    from tuner.budget import Claimer
     from tuner.spec import load_spec
     from tuner.storage import open_storage
-    from tuner.worker import artifact_store, claim_trial
+    from tuner.worker import artifact_store
     stamps["imports"] = time.time()
 
     from tuner.tfsetup import init_tensorflow
@@ -92,7 +93,7 @@ def main() -> None:
     stamps["data"] = time.time()
 
     sql.phase = "claim"
-    trial = claim_trial(study, storage, spec.n_trials)
+    trial = Claimer(study, storage).claim().trial
     stamps["claim"] = time.time()
 
     # The last per-epoch report marks the end of fit; what follows is recording + artifact.
@@ -134,10 +135,11 @@ def _warm(args) -> None:  # noqa: ANN001
     import keras
 
     from tuner import study as studies
+    from tuner.budget import Claimer
     from tuner.spec import load_spec
     from tuner.storage import open_storage
     from tuner.tfsetup import init_tensorflow
-    from tuner.worker import artifact_store, claim_trial
+    from tuner.worker import artifact_store
 
     init_tensorflow()
     from tuner.data import load_arrays, make_datasets
@@ -164,9 +166,11 @@ def _warm(args) -> None:  # noqa: ANN001
         keras.backend.clear_session()
         return took
 
+    claimer = Claimer(study, storage)
+
     def trial() -> float:
         t = time.perf_counter()
-        tr = claim_trial(study, storage, spec.n_trials)
+        tr = claimer.claim().trial
         result = run_trial(tr, spec, arrays, datasets, store)
         study.tell(tr, result.val_loss)
         return time.perf_counter() - t

@@ -45,10 +45,11 @@ def main() -> None:
     epochs, n_trials, limit = (4, 2, 300) if args.quick else (20, 2, None)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tuner import study as studies
+    from tuner.budget import Claimer
     from tuner.spec import load_spec
     from tuner.storage import open_storage
     from tuner.tfsetup import init_tensorflow
-    from tuner.worker import artifact_store, claim_trial
+    from tuner.worker import artifact_store
 
     init_tensorflow()
     import keras
@@ -71,7 +72,7 @@ def main() -> None:
         datasets = make_datasets(arrays, spec.model.batch_size, seed=spec.seed or 0)
         store = artifact_store(study, None)
         for _ in range(n_trials):
-            trial = claim_trial(study, storage, spec.n_trials)
+            trial = Claimer(study, storage).claim().trial
             marks = [(time.perf_counter(), _cpu())]
             report = trial.report
 

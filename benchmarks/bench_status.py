@@ -117,6 +117,7 @@ def _grow(engine: Any, study_id: int, target: int) -> float:
 def _build(url: str, n_trials: int, workdir: Path) -> dict[str, Any]:
     import optuna
 
+    from tuner import optuna_sql
     from tuner import study as studies
     from tuner.spec import load_spec
     from tuner.storage import open_storage
@@ -129,7 +130,8 @@ def _build(url: str, n_trials: int, workdir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     study.add_trials(seed)
     add_s = time.perf_counter() - t0
-    grow_s = _grow(storage.engine, study._study_id, n_trials)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    grow_s = _grow(storage.engine, study_id, n_trials)
     dists = seed[0].distributions
     for k in range(4):
         trial = study.ask(dists)
@@ -141,7 +143,8 @@ def _build(url: str, n_trials: int, workdir: Path) -> dict[str, Any]:
     for _ in range(2):
         study.enqueue_trial({"dropout": 0.1, "l2": 1e-4, "augment": 0.1,
                              "learning_rate": 1e-3})
-    counts = studies.count_states(storage, study._study_id)
+    with storage.engine.connect() as conn:
+        counts = optuna_sql.count_states(conn, study_id)
     storage.engine.dispose()
     return {"add_trials_per_s": len(seed) / add_s, "bulk_copy_s": grow_s, "counts": counts}
 
@@ -159,7 +162,7 @@ def _time_command(cmd: list[str], repeats: int) -> list[float]:
 
 
 def _measure(url: str, repeats: int) -> dict[str, Any]:
-    from tuner import study as studies
+    from tuner import optuna_sql
     from tuner.inspect import all_status, format_status
     from tuner.storage import open_storage
 
@@ -183,7 +186,8 @@ def _measure(url: str, repeats: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     n_loaded = len(storage.get_all_trials(study_id, deepcopy=False))
     load_all_s = time.perf_counter() - t0
-    counts = studies.count_states(storage, study_id)
+    with storage.engine.connect() as conn:
+        counts = optuna_sql.count_states(conn, study_id)
     storage.engine.dispose()
     return {
         "cli_median_s": statistics.median(cli_s), "cli_s": cli_s,

@@ -6,7 +6,7 @@ run a closed loop of ask → suggest the 4 knobs → tell, with no training in b
 worst case for the database. Two implementations run on the same study in the same run:
 
 * **tuner**: ``tuner.storage.open_storage`` (pool limits, pre-ping, retry, heartbeat) and
-  ``tuner.worker.claim_trial`` (budget lock + stale-trial check + count + ask), then tell;
+  ``tuner.budget.Claimer.claim`` (budget lock + stale-trial check + count + ask), then tell;
 * **optuna**: ``optuna.storages.RDBStorage(url)`` with its default setup and ``study.ask()``.
 
 Both use the RandomSampler so the number measures the storage, not the sampler; TPE's
@@ -53,10 +53,10 @@ def _child(url: str, spec_path: str) -> None:
     import optuna
 
     from tuner import study as studies
+    from tuner.budget import Claimer
     from tuner.space import sample
     from tuner.spec import load_spec
     from tuner.storage import open_storage
-    from tuner.worker import claim_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(spec_path)
@@ -90,11 +90,13 @@ def _child(url: str, spec_path: str) -> None:
             sampler = (optuna.samplers.RandomSampler(seed=cmd["worker"])
                        if cmd["sampler"] == "random" else optuna.samplers.TPESampler())
             study = optuna.load_study(study_name=STUDY, storage=plain, sampler=sampler)
+        claimer = Claimer(study, ours)  # one per worker process, as in a real worker
 
-        def op(cmd=cmd, study=study, run_spec=run_spec) -> tuple[float, float]:  # noqa: ANN001
+        def op(cmd=cmd, study=study, run_spec=run_spec,  # noqa: ANN001
+               claimer=claimer) -> tuple[float, float]:
             t0 = time.perf_counter()
             if cmd["impl"] == "tuner":
-                trial = claim_trial(study, ours, spec.n_trials)
+                trial = claimer.claim().trial
             else:
                 trial = study.ask()
             hp = sample(trial, run_spec)

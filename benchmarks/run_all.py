@@ -25,15 +25,16 @@ from _common import machine, table  # noqa: E402
 
 # bench_status belongs with the inspection verbs; it joins the suite when it exists.
 SCRIPTS = ["bench_overhead", "bench_epochs", "bench_storage", "bench_pruning", "bench_quality",
-           "bench_scaling", "bench_status"]
+           "bench_scaling", "bench_status", "bench_chaos"]
 RESULT_NAMES = {"bench_overhead": "overhead", "bench_epochs": "epochs",
                 "bench_storage": "storage", "bench_pruning": "pruning",
                 "bench_quality": "quality", "bench_scaling": "scaling",
-                "bench_status": "bench_status"}
+                "bench_status": "bench_status", "bench_chaos": "chaos"}
 TITLES = {"overhead": "1. Trial overhead", "epochs": "2. Epoch-start stalls",
           "storage": "3. Storage at scale", "pruning": "4. Pruning savings",
           "quality": "5. Search quality against peers", "scaling": "6. Scaling with workers",
-          "bench_status": "7. `tuner status` on a 10,000-trial study"}
+          "bench_status": "7. `tuner status` on a 10,000-trial study",
+          "chaos": "8. Chaos: workers killed at random, the study still finishes"}
 
 
 def main() -> int:
@@ -128,6 +129,14 @@ def _goals(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]
         rows.append(("tuner status at 10k trials", f"< {g['cli_under_s']:g} s",
                      f"{g['worst_cli_median_s']:.2f} s (slower of SQLite, PostgreSQL)",
                      "met" if g["met"] else "missed"))
+    if ch := results.get("chaos"):
+        c = ch["summary"]
+        rows.append(("chaos", "every round ends at its budget, 0 trials lost, workers gone "
+                     f"within {c['limit_s']:.0f} s of the last trial",
+                     f"{c['rounds_ok']}/{c['rounds']} rounds ok, {c['kills']} kills, "
+                     f"{c['trials_lost']} lost, worst {c['worst_last_trial_to_all_gone_s']:.1f} s",
+                     "met" if c["rounds_ok"] == c["rounds"] and not c["trials_lost"]
+                     else "missed"))
     if sc := results.get("scaling"):
         r = sc["runs"]
         rows.append(("scaling 1 → 2 workers", "(no goal) trials/h",
