@@ -23,8 +23,10 @@ import textwrap
 import time
 from pathlib import Path
 
-PACKAGES = "munge slurmctld slurmd slurmdbd slurm-client mariadb-server-core"
-DAEMONS = ("munged", "slurmctld", "slurmd", "slurmdbd", "mariadbd", "mariadb-install-db")
+PACKAGES = ("munge slurmctld slurmd slurmdbd slurm-client mariadb-server-core "
+            "mariadb-client-core")
+DAEMONS = ("munged", "slurmctld", "slurmd", "slurmdbd", "mariadbd", "mariadb-install-db",
+           "my_print_defaults")
 CLIENTS = ("sbatch", "squeue", "scancel", "scontrol", "sacct", "sacctmgr", "sinfo")
 CLUSTER = "tunertest"
 NODE = "tunernode"
@@ -168,7 +170,7 @@ class SlurmCluster:
 
     def sacct_table(self, job: str) -> str:
         """``sacct`` as a person reads it, for the test's printed report."""
-        return self.run("sacct", "-X", "-j", job, "--format=JobID%12,JobName%13,State%10,"
+        return self.run("sacct", "-X", "-j", job, "--format=JobID%12,JobName%13,State%16,"
                         "ExitCode,Start,End,Elapsed,Timelimit,AllocTRES%34").stdout
 
     def log(self, name: str) -> Path:
