@@ -1,4 +1,5 @@
-"""Data sources users bring: npz files (split or not) and a folder of images per class."""
+"""Data sources users bring: npz files (split or not) and a folder of images per class, their
+test parts, and samples that keep every class."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from tuner.errors import UserError
 from tuner.spec import DataSpec
 
 
-def test_digits_split_is_seeded_and_scaled() -> None:
+def test_digits_split_is_seeded_and_kept_in_the_sources_own_range() -> None:
     a = load_arrays(DataSpec(source="digits", validation_split=0.2), seed=1)
     b = load_arrays(DataSpec(source="digits", validation_split=0.2), seed=1)
     assert a.input_shape == (8, 8, 1) and a.num_classes == 10
     assert len(a.x_val) == round(1797 * 0.2)
     np.testing.assert_array_equal(a.y_val, b.y_val)
-    assert 0.0 <= a.x_train.min() and a.x_train.max() <= 1.0
+    # the model rescales: the arrays hold the digits' own 0-16 values
+    assert a.x_train.max() == 16.0 and a.scale == 1 / 16
+    assert not a.has_test
 
 
 def test_npz_with_explicit_validation_arrays(tmp_path: Path) -> None:
@@ -31,7 +34,7 @@ def test_npz_with_explicit_validation_arrays(tmp_path: Path) -> None:
     check_source(spec)
     arrays = load_arrays(spec)
     assert arrays.x_train.shape == (20, 6, 6, 3) and arrays.y_val.shape == (5,)
-    assert arrays.x_train.max() <= 1.0  # 0-255 pixels are scaled
+    assert arrays.x_train.max() > 1.0 and arrays.scale == 1 / 255  # 0-255, scaled in the model
 
 
 def test_npz_with_x_and_y_is_split(tmp_path: Path) -> None:
@@ -63,7 +66,70 @@ def test_image_folder_needs_two_classes(tmp_path: Path) -> None:
 
 def test_pipelines_batch_and_keep_the_validation_order() -> None:
     arrays = load_arrays(DataSpec(source="digits", limit=100))
-    train, val = make_datasets(arrays, batch_size=16)
+    train, val, _, _ = make_datasets(arrays, batch_size=16)
     labels = np.concatenate([y.numpy() for _, y in val])
     np.testing.assert_array_equal(labels, arrays.y_val)
     assert next(iter(train))[0].shape[1:] == (8, 8, 1)
+
+
+def test_npz_test_part_is_kept_apart(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=rng.random((40, 4, 4)).astype(np.float32), y=np.arange(40) % 2,
+             x_test=rng.random((7, 4, 4)).astype(np.float32), y_test=np.arange(7) % 2)
+    arrays = load_arrays(DataSpec(source=f"npz:{path}", validation_split=0.25))
+    assert (len(arrays.x_train), len(arrays.x_val), len(arrays.x_test)) == (30, 10, 7)
+    assert arrays.scale == 1.0  # already in [0, 1]
+    with pytest.raises(UserError, match="has a test part of its own"):
+        check_source(DataSpec(source=f"npz:{path}", test_split=0.2))
+
+
+def test_test_split_holds_out_a_fraction_before_validation() -> None:
+    arrays = load_arrays(DataSpec(source="digits", validation_split=0.25, test_split=0.2))
+    assert len(arrays.x_test) == round(1797 * 0.2)
+    assert len(arrays.x_val) == round((1797 - len(arrays.x_test)) * 0.25)
+    assert len(arrays.x_train) + len(arrays.x_val) + len(arrays.x_test) == 1797
+    without = load_arrays(DataSpec(source="digits", validation_split=0.25))
+    assert not without.has_test
+
+
+def test_image_folder_with_a_test_folder(tmp_path: Path) -> None:
+    for part, n in (("", 6), ("test/", 2)):
+        for label, color in (("cats", (255, 0, 0)), ("dogs", (0, 0, 255))):
+            folder = tmp_path / f"{part}{label}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (10, 10), color).save(folder / f"{i}.png")
+    spec = DataSpec(source=f"images:{tmp_path}", validation_split=0.25, image_size=(8, 8))
+    check_source(spec)
+    arrays = load_arrays(spec)
+    assert arrays.num_classes == 2  # "test" is not a class
+    assert len(arrays.x_test) == 4 and sorted(arrays.y_test) == [0, 0, 1, 1]
+    assert len(arrays.x_train) + len(arrays.x_val) == 12
+    # the test images belong to the class of the same name
+    assert arrays.x_test[arrays.y_test == 0][..., 0].min() == 255.0
+
+
+def test_limit_keeps_every_class_of_a_class_sorted_source(tmp_path: Path) -> None:
+    """A folder-like source, sorted by class: the first N images would be one class only."""
+    path = tmp_path / "sorted.npz"
+    y = np.repeat(np.arange(5), 40)  # 40 images of class 0, then 40 of class 1, ...
+    x = np.repeat(np.arange(5, dtype=np.float32), 40)[:, None, None] * np.ones((1, 4, 4))
+    np.savez(path, x_train=x[:150], y_train=y[:150], x_val=x[150:], y_val=y[150:])
+    arrays = load_arrays(DataSpec(source=f"npz:{path}", limit=50), seed=3)
+    assert len(arrays.x_train) + len(arrays.x_val) == 50
+    # The training part held 40, 40, 40 and 30 images of classes 0-3: 38 of them in proportion.
+    train_classes, counts = np.unique(arrays.y_train, return_counts=True)
+    assert list(train_classes) == [0, 1, 2, 3] and list(counts) == [10, 10, 10, 8]
+    assert set(arrays.y_val) == {3, 4}  # the validation part had only those
+    again = load_arrays(DataSpec(source=f"npz:{path}", limit=50), seed=3)
+    np.testing.assert_array_equal(arrays.y_train, again.y_train)  # seeded
+
+
+def test_pipelines_hold_a_fixed_training_sample_as_large_as_validation() -> None:
+    arrays = load_arrays(DataSpec(source="digits", limit=200))
+    datasets = make_datasets(arrays, batch_size=16)
+    x, y = datasets.train_sample
+    assert len(x) == len(y) == len(arrays.x_val)
+    np.testing.assert_array_equal(y, make_datasets(arrays, batch_size=16).train_sample[1])
+    assert datasets.test is None

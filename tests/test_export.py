@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,7 +78,7 @@ def test_exported_model_reproduces_the_recorded_val_loss(ran: Ran, tmp_path: Pat
     study, spec = studies.load("export", open_storage(ran.url, heartbeat=False))
     assert summary["trial"] == study.best_trial.number
     arrays = load_arrays(spec.data, seed=spec.seed or 0)
-    _, val = make_datasets(arrays, spec.model.batch_size, seed=spec.seed or 0)
+    val = make_datasets(arrays, spec.model.batch_size, seed=spec.seed or 0).val
     model = keras.saving.load_model(target)
     scores = model.evaluate(val, return_dict=True, verbose=0)
     assert scores["xent"] == pytest.approx(study.best_value, rel=1e-5)
@@ -88,6 +90,81 @@ def test_exported_model_reproduces_the_recorded_val_loss(ran: Ran, tmp_path: Pat
     # a worse trial's model would not match: the export really is the best one
     others = [t.value for t in study.trials if t.number != study.best_trial.number]
     assert all(abs(v - xent) > 1e-4 for v in others)
+
+
+_PREDICT = """
+import json, sys
+import numpy as np, keras
+model = keras.saving.load_model(sys.argv[1])
+data = np.load(sys.argv[2])
+probs = model.predict(data["x"], verbose=0)
+picked = np.clip(probs[np.arange(len(probs)), data["y"]], 1e-7, 1 - 1e-7)
+print(json.dumps({"xent": float(-np.mean(np.log(picked))), "dtype": str(data["x"].dtype)}))
+"""
+
+
+def _raw_digits() -> tuple:  # noqa: ANN202
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.images * 255 / 16).round().astype(np.uint8), digits.target
+
+
+def _export_and_predict_raw(tmp_path: Path, study_file: Path, x_raw, y) -> None:  # noqa: ANN001
+    """Run the study, export the winner, predict in a fresh process on the raw arrays."""
+    import numpy as np
+
+    url = f"sqlite:///{tmp_path / 'tuner.db'}"
+    run = run_tuner("run", str(study_file), "--storage", url, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    target = tmp_path / "best.keras"
+    best = run_tuner("best", "--study", "raw", "--storage", url, "--json", "--export-model",
+                     str(target))
+    assert best.returncode == 0, best.stderr
+    raw = tmp_path / "raw-val.npz"
+    np.savez(raw, x=x_raw, y=y)
+    fresh = subprocess.run([sys.executable, "-c", _PREDICT, str(target), str(raw)],
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert fresh.returncode == 0, fresh.stderr
+    measured = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert measured["dtype"] == "uint8"  # fed exactly as the source holds them
+    assert measured["xent"] == pytest.approx(json.loads(best.stdout)["val_loss"], rel=1e-4)
+
+
+def test_exported_model_takes_an_npz_sources_raw_pixels(tmp_path: Path) -> None:
+    """uint8 pixels in the npz: the exported model rescales them itself."""
+    import numpy as np
+
+    x, y = _raw_digits()
+    source = tmp_path / "digits.npz"
+    np.savez(source, x_train=x[:300], y_train=y[:300], x_val=x[300:420], y_val=y[300:420])
+    study = write_study(tmp_path, "raw", n_trials=2, epochs=2, source=f"npz:{source}",
+                        limit=None)
+    _export_and_predict_raw(tmp_path, study, x[300:420], y[300:420])
+
+
+def test_exported_model_takes_an_image_folders_pixels(tmp_path: Path) -> None:
+    """Images as read from the folder (RGB, 0-255, at image_size): no hidden scaling."""
+    from PIL import Image
+
+    from tuner.data import load_arrays
+    from tuner.spec import load_spec
+
+    x, y = _raw_digits()
+    folder = tmp_path / "images"
+    for i in range(200):
+        (folder / f"digit{y[i]}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).convert("RGB").save(folder / f"digit{y[i]}" / f"{i}.png")
+    study = write_study(tmp_path, "raw", n_trials=2, epochs=2, source=f"images:{folder}",
+                        limit=None, extra_study="")
+    text = study.read_text().replace("[data]", "[data]\nimage_size = [8, 8]")
+    study.write_text(text)
+    spec = load_spec(study)
+    arrays = load_arrays(spec.data, seed=spec.seed or 0)
+    assert arrays.x_val.max() > 1  # the folder's own pixel values
+    _export_and_predict_raw(tmp_path, study, arrays.x_val.astype("uint8"), arrays.y_val)
 
 
 def test_export_into_a_directory_and_over_an_old_file(ran: Ran, tmp_path: Path) -> None:

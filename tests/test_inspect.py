@@ -149,8 +149,9 @@ def test_trials_in_three_formats(tmp_path: Path, any_url: str) -> None:
     as_json = run_tuner("trials", "--study", "look", "--storage", any_url, "--format", "json")
     assert as_json.returncode == 0, as_json.stderr
     rows = json.loads(as_json.stdout)
-    keys = ["number", "state", "dropout", "l2", "augment", "val_loss", "val_accuracy", "gap",
-            "epochs_run", "pruned_at", "host", "seconds", "fail_reason"]
+    keys = ["number", "state", "dropout", "l2", "augment", "val_loss", "val_accuracy",
+            "train_loss", "gap", "test_loss", "test_accuracy", "best_epoch", "epochs_run",
+            "pruned_at", "confirms", "host", "started_at", "ended_at", "seconds", "fail_reason"]
     assert len(rows) == n and all(list(r) == keys for r in rows)
     by_state = {r["state"]: r for r in rows}
     assert set(by_state) == {"COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"}
@@ -173,7 +174,9 @@ def test_trials_in_three_formats(tmp_path: Path, any_url: str) -> None:
     table = run_tuner("trials", "--study", "look", "--storage", any_url)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == keys
+    shown = ["number", "state", "dropout", "l2", "augment", "val_loss", "val_accuracy", "gap",
+             "epochs_run", "pruned_at", "host", "seconds", "fail_reason"]  # empty ones left out
+    assert lines[0].split() == shown
     assert len(lines) == n + 1
     # aligned: every row's right-aligned numeric columns end at the header's column ends
     end = lines[0].index("val_loss") + len("val_loss")

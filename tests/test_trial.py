@@ -36,11 +36,11 @@ def hp_for(arrays, l2: float, dropout: float = 0.0, strength: float = 0.0) -> Hy
 def test_objective_is_the_unpenalized_validation_loss(arrays) -> None:
     """Two models identical but for L2 have the same data loss; Keras' val_loss differs."""
     spec = spec_for({})
-    _, val = make_datasets(arrays, 64)
+    val = make_datasets(arrays, 64).val
     scores = {}
     for l2 in (0.0, 0.1):
         keras.utils.set_random_seed(7)
-        model = build_model(hp_for(arrays, l2), spec)
+        model = build_model(hp_for(arrays, l2), spec, scale=arrays.scale)
         scores[l2] = model.evaluate(val, verbose=0, return_dict=True)
         penalty = float(sum(keras.ops.convert_to_numpy(x) for x in model.losses)) if l2 else 0.0
         assert scores[l2]["loss"] == pytest.approx(scores[l2]["xent"] + penalty, rel=1e-4)
@@ -64,6 +64,47 @@ def test_trial_reports_unpenalized_loss_every_epoch(arrays) -> None:
                 "seconds", "keras_val_loss"):
         assert key in attrs
     assert attrs["epochs_run"] == 2 and 1 <= attrs["best_epoch"] <= 2
+
+
+def test_the_gap_is_measured_without_dropout_or_augmentation(arrays, tmp_path) -> None:
+    """Heavy dropout and augmentation make Keras' training loss large; the training loss tuner
+    reports is the best-epoch model's, in inference mode, on a fixed training sample."""
+    spec = spec_for({"dropout": 0.6, "l2": 1e-4, "augment": 1.0}, epochs=3)
+    datasets = make_datasets(arrays, 64, seed=0)
+    study = optuna.create_study()
+    trial = study.ask()
+    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path))
+    result = run_trial(trial, spec, arrays, datasets, store)
+    study.tell(trial, result.val_loss)
+    attrs = study.trials[0].user_attrs
+    path = tmp_path / "model.keras"
+    optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path),
+                                       artifact_id=attrs["model_artifact"])
+    model = keras.saving.load_model(path)
+    x, y = datasets.train_sample
+    measured = model.evaluate(x, y, verbose=0, return_dict=True)["xent"]
+    assert attrs["train_loss"] == pytest.approx(measured, rel=1e-4)
+    assert attrs["train_loss_training_mode"] > attrs["train_loss"]  # dropout made it worse
+    assert attrs["gap"] == pytest.approx(result.val_loss - attrs["train_loss"])
+    curve = attrs["curve"]
+    assert len(curve["train_loss"]) == len(curve["val_loss"]) == len(curve["t"]) == 3
+    assert curve["train_loss"][attrs["best_epoch"] - 1] == pytest.approx(attrs["train_loss"],
+                                                                         abs=1e-5)
+
+
+def test_a_completed_trial_is_scored_once_on_the_test_split() -> None:
+    spec = parse_spec({"study": {"name": "t", "seed": 0},
+                       "data": {"source": "digits", "limit": 300, "test_split": 0.2},
+                       "model": {"epochs": 2, "batch_size": 64},
+                       "search": {"dropout": 0.1, "l2": 1e-4, "augment": 0}})
+    arrays = load_arrays(spec.data)
+    study = optuna.create_study()
+    trial = study.ask()
+    result = run_trial(trial, spec, arrays, make_datasets(arrays, 64))
+    study.tell(trial, result.val_loss)
+    attrs = study.trials[0].user_attrs
+    assert 0 < attrs["test_loss"] < 5 and 0 <= attrs["test_accuracy"] <= 1
+    assert attrs["test_loss"] != pytest.approx(result.val_loss)  # another split
 
 
 def test_pruned_trial_stops_early_and_keeps_its_attributes(arrays) -> None:
@@ -100,7 +141,7 @@ def test_strength_zero_adds_no_layers_and_flip_only_when_allowed() -> None:
 
 
 def test_augmentation_is_inside_the_model_and_off_at_inference(arrays) -> None:
-    model = build_model(hp_for(arrays, 1e-4, strength=1.0), spec_for({}))
+    model = build_model(hp_for(arrays, 1e-4, strength=1.0), spec_for({}), scale=arrays.scale)
     assert any(layer.name == "augmentation" for layer in model.layers)
     x = arrays.x_val[:16]
     np.testing.assert_allclose(model(x, training=False), model(x, training=False))

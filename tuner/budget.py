@@ -83,10 +83,19 @@ class Budget:
     trial_timeout: float | None = None  # not a limit on the study: on each trial it starts
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], clock_started: float | None = None) -> Budget:
-        """From a stored spec (the JSON form of :class:`tuner.spec.StudySpec`)."""
-        return cls(spec.get("n_trials"), spec.get("epoch_budget"), spec.get("time_budget"),
-                   clock_started, spec.get("trial_timeout"))
+    def from_spec(cls, spec: dict[str, Any], clock_started: float | None = None,
+                  confirm: dict[str, Any] | None = None) -> Budget:
+        """From a stored spec (the JSON form of :class:`tuner.spec.StudySpec`), grown by the
+        trials a confirm step queued (see :mod:`tuner.confirm`): they are extra, not taken
+        from the search."""
+        n, epochs = spec.get("n_trials"), spec.get("epoch_budget")
+        extra = int((confirm or {}).get("trials", 0))
+        if extra and n is not None:
+            n += extra
+        if extra and epochs is not None:
+            epochs += extra * int(spec.get("model", {}).get("epochs", 0))
+        return cls(n, epochs, spec.get("time_budget"), clock_started,
+                   spec.get("trial_timeout"))
 
     def describe(self) -> str:
         """``24 trials``, ``600 epochs`` or ``8h``, the way a user wrote the budget."""
@@ -165,6 +174,11 @@ class Claimed:
     trial_id: int
     timeout: float | None = None  # the study's trial_timeout when it was claimed
 
+    @property
+    def confirms(self) -> int | None:
+        """The trial whose configuration this one retrains (a confirm step's run), if any."""
+        return self.trial._cached_frozen_trial.system_attrs.get(attrs.CONFIRMS)
+
 
 class Claimer:
     """One worker's side of the claim path on one study (see the module docstring).
@@ -190,8 +204,9 @@ class Claimer:
         """The study's usage and budget now, read in one connection."""
         with self.storage.engine.connect() as conn:
             spec = optuna_sql.study_attr(conn, self.study_id, attrs.SPEC) or {}
-            budget = Budget.from_spec(spec, optuna_sql.study_attr(conn, self.study_id,
-                                                                  attrs.CLOCK_STARTED))
+            budget = Budget.from_spec(
+                spec, optuna_sql.study_attr(conn, self.study_id, attrs.CLOCK_STARTED),
+                optuna_sql.study_attr(conn, self.study_id, attrs.CONFIRM))
             epochs = (optuna_sql.epochs_reported(conn, self.study_id)
                       if budget.epochs is not None else 0)
             usage = Usage.from_counts(optuna_sql.count_states(conn, self.study_id), epochs)

@@ -88,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the best trial's best-epoch model to PATH (.keras)")
     p.set_defaults(func=_best)
 
+    p = sub.add_parser("confirm", help="retrain the best configurations with new seeds")
+    p.add_argument("--study", required=True, metavar="NAME")
+    _storage_flags(p)
+    p.add_argument("--top", type=_positive_int, default=3, metavar="K",
+                   help="how many of the best configurations (default 3)")
+    p.add_argument("--seeds", type=_positive_int, default=2, metavar="M",
+                   help="new runs of each, with seeds of their own (default 2)")
+    p.set_defaults(func=_confirm)
+
     p = sub.add_parser("trials", help="one row per trial")
     p.add_argument("--study", required=True, metavar="NAME")
     _storage_flags(p)
@@ -149,7 +158,7 @@ def _url(args: argparse.Namespace) -> str:
     return url
 
 
-_READ_ONLY_VERBS = {"status", "best", "trials", "importance", "dashboard", "worker"}
+_READ_ONLY_VERBS = {"status", "best", "trials", "importance", "dashboard", "worker", "confirm"}
 
 
 def _missing_sqlite_file(url: str) -> bool:
@@ -232,6 +241,28 @@ def _best(args: argparse.Namespace) -> int:
     print(to_json(summary) if args.json else format_best(summary))
     if args.export_model and not args.json:
         print(f"Exported the best-epoch model to {summary['exported_model']}")
+    return 0
+
+
+def _confirm(args: argparse.Namespace) -> int:
+    from tuner import study as studies
+    from tuner.confirm import queue
+    from tuner.storage import open_storage
+
+    storage = open_storage(_url(args))
+    study, _ = studies.load(args.study, storage)
+    queued = queue(study, storage, args.top, args.seeds)
+    configs = ", ".join(f"#{n}" for n in queued.configs)
+    if queued.new:
+        print(f"Queued {queued.trials} runs in study {args.study!r}: the top "
+              f"{len(queued.configs)} configurations (trials {configs}), {queued.seeds} new "
+              f"seed{'s' if queued.seeds > 1 else ''} each. The study's budget grew by "
+              f"{queued.trials}; workers run them next (start one with `tuner worker --study "
+              f"{args.study}` if none is running), then `tuner best` ranks them.")
+    else:
+        print(f"Study {args.study!r} was already confirmed: {queued.trials} runs of trials "
+              f"{configs} were queued before ({queued.seeds} seeds each); `tuner best` ranks "
+              "them.")
     return 0
 
 

@@ -5,34 +5,49 @@ a missing or malformed ``npz:`` file is a user error, not a crashed worker. :fun
 is called once per worker process and reused by every trial; :func:`make_datasets` wraps the
 arrays in cached, prefetched ``tf.data`` pipelines (numpy inputs make TensorFlow stall at each
 epoch start while it tears down the previous iterator).
+
+The arrays keep the pixel values the source holds (0-255 for most images, 0-16 for the
+digits): the model's first layer rescales them (:attr:`Arrays.scale`), so a saved model takes
+the data in the form the source provides, with no hidden preprocessing.
+
+Splits: a source's own test part (``x_test``/``y_test`` in an npz, a ``test/`` folder beside
+the class folders, the test set of a ``keras:`` dataset) is used as it is; otherwise
+``test_split`` holds out that fraction for the test. The test part never takes part in
+selection: each completed trial scores its best-epoch model on it once. ``limit`` keeps a
+stratified sample (same class proportions) of every part, drawn with the study's seed.
 """
 
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from tuner.errors import RuntimeFailure, UserError
-from tuner.spec import DataSpec
+from tuner.spec import DataSpec, source_kind
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+TEST_FOLDER = "test"  # images:DIR/test/<class>/... is the test part of an image folder
 
 
 @dataclass(frozen=True)
 class Arrays:
-    """Images scaled to [0, 1] as float32 ``(n, h, w, c)`` and integer labels ``0..k-1``."""
+    """Images as float32 ``(n, h, w, c)`` in the source's own value range, integer labels
+    ``0..k-1``, and the factor that brings the images to [0, 1] (the model applies it)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+    scale: float = 1.0
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -40,78 +55,146 @@ class Arrays:
 
     @property
     def num_classes(self) -> int:
-        return int(max(self.y_train.max(), self.y_val.max())) + 1
+        labels = [self.y_train, self.y_val] + ([self.y_test] if self.y_test is not None else [])
+        return int(max(y.max() for y in labels if len(y))) + 1
+
+    @property
+    def has_test(self) -> bool:
+        return self.x_test is not None and len(self.x_test) > 0
+
+
+class Datasets(NamedTuple):
+    """The pipelines one trial trains and measures on."""
+
+    train: tf.data.Dataset  # shuffled every epoch
+    val: tf.data.Dataset
+    train_sample: tuple[np.ndarray, np.ndarray]  # fixed, as large as val: for the train loss
+    test: tf.data.Dataset | None
 
 
 def check_source(data: DataSpec) -> None:
     """Fail fast, without TensorFlow, on a data source that cannot load."""
-    kind, _, rest = data.source.partition(":")
+    kind, rest = source_kind(data.source)
     if kind == "npz":
         _read_npz(Path(rest), data)
     elif kind == "images":
-        _image_files(Path(rest))
+        _check_test_split(data, _image_files(Path(rest))[1] is not None)
 
 
 def load_arrays(data: DataSpec, seed: int = 0) -> Arrays:
-    """Load, scale and split a source; the split is seeded so every worker sees the same one."""
-    kind, _, rest = data.source.partition(":")
+    """Load and split a source; the split is seeded so every worker sees the same one."""
+    kind, rest = source_kind(data.source)
     if kind == "digits":
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        x, y = digits.images[..., None] / 16.0, digits.target
-        arrays = _split(x, y, data.validation_split, seed)
+        arrays = _split(digits.images[..., None], digits.target, data, seed, scale=1 / 16)
     elif kind == "npz":
         arrays = _read_npz(Path(rest), data, seed)
     elif kind == "images":
         arrays = _read_images(Path(rest), data, seed)
     elif kind == "keras":
-        arrays = _read_keras(rest)
+        arrays = _read_keras(rest, data, seed)
     else:  # validated by the spec parser
         raise UserError(f"unknown data source {data.source!r}")
     if data.limit is not None:
-        n_val = max(1, round(data.limit * len(arrays.x_val)
-                             / (len(arrays.x_train) + len(arrays.x_val))))
-        arrays = Arrays(arrays.x_train[: data.limit - n_val], arrays.y_train[: data.limit - n_val],
-                        arrays.x_val[:n_val], arrays.y_val[:n_val])
+        arrays = _limit(arrays, data.limit, seed)
     return arrays
 
 
-def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0
-                  ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-    """Cached, shuffled (train only), batched and prefetched pipelines."""
+def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0) -> Datasets:
+    """Cached, batched and prefetched pipelines; only the training one is shuffled."""
     import tensorflow as tf
 
-    def pipeline(x: np.ndarray, y: np.ndarray, shuffle: bool) -> tf.data.Dataset:
+    def pipeline(x: np.ndarray, y: np.ndarray, shuffle: bool = False) -> tf.data.Dataset:
         ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
         if shuffle:
             ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
-    return (pipeline(arrays.x_train, arrays.y_train, True),
-            pipeline(arrays.x_val, arrays.y_val, False))
+    sample = np.random.default_rng(seed).permutation(len(arrays.x_train))[:len(arrays.x_val)]
+    sample.sort()
+    test = (pipeline(arrays.x_test, arrays.y_test) if arrays.has_test else None)
+    return Datasets(pipeline(arrays.x_train, arrays.y_train, shuffle=True),
+                    pipeline(arrays.x_val, arrays.y_val),
+                    (arrays.x_train[sample], arrays.y_train[sample]), test)
 
 
-def _split(x: np.ndarray, y: np.ndarray, validation_split: float, seed: int) -> Arrays:
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_val = max(1, int(round(len(x) * validation_split)))
+# --- splits ------------------------------------------------------------------------------------
+
+
+def _split(x: np.ndarray, y: np.ndarray, data: DataSpec, seed: int, scale: float | None = None,
+           x_test: np.ndarray | None = None, y_test: np.ndarray | None = None) -> Arrays:
+    """Hold out ``test_split`` (unless the source brought a test part), then validation."""
+    rng = np.random.default_rng(seed)
+    if x_test is None and data.test_split:
+        order = np.random.default_rng([seed, 1]).permutation(len(x))
+        n_test = max(1, int(round(len(x) * data.test_split)))
+        test, rest = order[:n_test], order[n_test:]
+        x_test, y_test, x, y = x[test], y[test], x[rest], y[rest]
+    order = rng.permutation(len(x))
+    n_val = max(1, int(round(len(x) * data.validation_split)))
     val, train = order[:n_val], order[n_val:]
-    return _as_arrays(x[train], y[train], x[val], y[val])
+    return _as_arrays(x[train], y[train], x[val], y[val], x_test, y_test, scale)
 
 
-def _as_arrays(x_train, y_train, x_val, y_val) -> Arrays:  # noqa: ANN001
+def _limit(arrays: Arrays, limit: int, seed: int) -> Arrays:
+    """A stratified sample of ``limit`` images over all parts, each part in proportion."""
+    parts = [("train", arrays.x_train, arrays.y_train), ("val", arrays.x_val, arrays.y_val)]
+    if arrays.has_test:
+        parts.append(("test", arrays.x_test, arrays.y_test))
+    total = sum(len(y) for _, _, y in parts)
+    if limit >= total:
+        return arrays
+    rng = np.random.default_rng([seed, 2])
+    cut = {}
+    for name, x, y in parts:
+        keep = _stratified(y, max(1, round(limit * len(y) / total)), rng)
+        cut[f"x_{name}"], cut[f"y_{name}"] = x[keep], y[keep]
+    return replace(arrays, **cut)
+
+
+def _stratified(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` indices of ``y`` with every class in its proportion (largest remainders)."""
+    classes, counts = np.unique(y, return_counts=True)
+    quotas = counts * n / len(y)
+    take = np.floor(quotas).astype(int)
+    for i in np.argsort(quotas - take)[::-1][: n - take.sum()]:
+        take[i] += 1
+    picked = [rng.choice(np.flatnonzero(y == c), k, replace=False)
+              for c, k in zip(classes, take, strict=True) if k]
+    return np.sort(np.concatenate(picked))
+
+
+def _as_arrays(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+               x_test: np.ndarray | None = None, y_test: np.ndarray | None = None,
+               scale: float | None = None) -> Arrays:
     def images(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 3:
-            x = x[..., None]
-        if x.size and x.max() > 1.0:
-            x = x / 255.0
-        return x
+        return x[..., None] if x.ndim == 3 else x
 
     def labels(y: np.ndarray) -> np.ndarray:
         return np.asarray(y).reshape(-1).astype(np.int64)
 
-    return Arrays(images(x_train), labels(y_train), images(x_val), labels(y_val))
+    xs = [images(x_train), images(x_val)]
+    if x_test is not None and len(x_test):
+        xs.append(images(x_test))
+    if scale is None:  # values above 1 are 0-255 pixels
+        scale = 1 / 255 if max(float(x.max()) for x in xs if x.size) > 1.0 else 1.0
+    test = len(xs) == 3
+    return Arrays(xs[0], labels(y_train), xs[1], labels(y_val),
+                  xs[2] if test else None, labels(y_test) if test else None, scale)
+
+
+def _check_test_split(data: DataSpec, has_test: bool) -> None:
+    if has_test and data.test_split:
+        raise UserError(f"[data] test_split: the source {data.source} has a test part of its "
+                        "own; remove test_split (or the test part)")
+
+
+# --- npz ---------------------------------------------------------------------------------------
+
+_SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val")
 
 
 def _read_npz(path: Path, data: DataSpec, seed: int = 0) -> Arrays:
@@ -121,22 +204,29 @@ def _read_npz(path: Path, data: DataSpec, seed: int = 0) -> Arrays:
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
-            if {"x_train", "y_train", "x_val", "y_val"} <= keys:
-                parts = [_npz_array(npz, k, where) for k in ("x_train", "y_train", "x_val",
-                                                             "y_val")]
+            test = None
+            if {"x_test", "y_test"} <= keys:
+                test = (_npz_array(npz, "x_test", where), _npz_array(npz, "y_test", where))
+                _check_pair(where, "x_test", "y_test", *test)
+                _check_test_split(data, True)
+            if set(_SPLIT_KEYS) <= keys:
+                parts = [_npz_array(npz, k, where) for k in _SPLIT_KEYS]
                 for x_key, y_key, x, y in (("x_train", "y_train", parts[0], parts[1]),
                                            ("x_val", "y_val", parts[2], parts[3])):
                     _check_pair(where, x_key, y_key, x, y)
-                return _as_arrays(*parts)
+                if test is None and data.test_split:
+                    raise UserError(f"[data] test_split: {where} is already split into train "
+                                    "and validation; add x_test and y_test to it instead")
+                return _as_arrays(*parts, *(test or (None, None)))
             if {"x", "y"} <= keys:
                 x, y = _npz_array(npz, "x", where), _npz_array(npz, "y", where)
                 _check_pair(where, "x", "y", x, y)
-                return _split(x, y, data.validation_split, seed)
+                return _split(x, y, data, seed, None, *(test or (None, None)))
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"{where}: not a readable .npz file ({_first_line(exc)}); write it "
                         "with numpy.savez") from None
     raise UserError(f"{where}: expected arrays x_train, y_train, x_val, y_val (or x and y), "
-                    f"found {', '.join(sorted(keys)) or 'none'}")
+                    f"and optionally x_test, y_test; found {', '.join(sorted(keys)) or 'none'}")
 
 
 def _npz_array(npz: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
@@ -170,37 +260,61 @@ def _check_pair(where: str, x_key: str, y_key: str, x: np.ndarray, y: np.ndarray
         raise UserError(f"{where}: labels {y_key} must be integers 0..k-1")
 
 
-def _image_files(root: Path) -> dict[str, list[Path]]:
+# --- image folders -----------------------------------------------------------------------------
+
+
+def _image_files(root: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path]] | None]:
+    """(class → files, test class → files or ``None``); the test classes must be known ones."""
     where = f"[data] source images:{root}"
     if not root.is_dir():
         raise UserError(f"{where}: directory not found")
-    classes = {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-               for d in sorted(root.iterdir()) if d.is_dir()}
-    classes = {k: v for k, v in classes.items() if v}
+    classes = _class_folders(root, skip=TEST_FOLDER)
     if len(classes) < 2:
         raise UserError(f"{where}: expected one sub-folder of images per class (at least 2)")
-    return classes
+    test = None
+    if (root / TEST_FOLDER).is_dir():
+        test = _class_folders(root / TEST_FOLDER)
+        unknown = sorted(set(test) - set(classes))
+        if unknown:
+            raise UserError(f"{where}: {TEST_FOLDER}/{unknown[0]} is not one of the classes "
+                            f"({', '.join(classes)})")
+    return classes, test
+
+
+def _class_folders(root: Path, skip: str | None = None) -> dict[str, list[Path]]:
+    found = {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+             for d in sorted(root.iterdir()) if d.is_dir() and d.name != skip}
+    return {k: v for k, v in found.items() if v}
 
 
 def _read_images(root: Path, data: DataSpec, seed: int) -> Arrays:
     from PIL import Image
 
-    xs, ys = [], []
-    for label, (_, files) in enumerate(_image_files(root).items()):
-        for f in files:
-            with Image.open(f) as img:
-                img = img.convert("RGB").resize(data.image_size[::-1])
-                xs.append(np.asarray(img, dtype=np.float32) / 255.0)
-            ys.append(label)
-    return _split(np.stack(xs), np.asarray(ys), data.validation_split, seed)
+    classes, test = _image_files(root)
+    labels = {name: i for i, name in enumerate(classes)}
+
+    def read(folders: dict[str, list[Path]]) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for name, files in folders.items():
+            for f in files:
+                with Image.open(f) as img:
+                    img = img.convert("RGB").resize(data.image_size[::-1])
+                    xs.append(np.asarray(img, dtype=np.float32))
+                ys.append(labels[name])
+        return np.stack(xs), np.asarray(ys)
+
+    x, y = read(classes)
+    x_test, y_test = read(test) if test else (None, None)
+    return _split(x, y, data, seed, 1 / 255, x_test, y_test)
 
 
-def _read_keras(name: str) -> Arrays:
+def _read_keras(name: str, data: DataSpec, seed: int) -> Arrays:
     import keras
 
     try:
-        (x_train, y_train), (x_val, y_val) = getattr(keras.datasets, name).load_data()
+        (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, name).load_data()
     except Exception as exc:  # noqa: BLE001 - network errors come in many types
         raise RuntimeFailure(f"[data] source keras:{name}: download failed ({exc}); this "
                              "source needs internet: use npz:PATH or images:DIR offline") from None
-    return _as_arrays(x_train, y_train, x_val, y_val)
+    return _split(x_train, np.asarray(y_train).reshape(-1), data, seed, 1 / 255, x_test,
+                  np.asarray(y_test).reshape(-1))

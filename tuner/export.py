@@ -21,15 +21,13 @@ from tuner.storage import artifacts_dir
 
 def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
                       artifacts_override: str | None = None) -> Path:
-    """Write the best trial's saved model to ``path`` (a ``.keras`` file or a directory).
+    """Write the winner's saved model to ``path`` (a ``.keras`` file or a directory).
 
-    An existing file is replaced atomically; a half-written file is never left behind.
+    The winner is the best trial or, once a confirm step has run, the run with the lowest
+    validation loss of the confirmed winning configuration. An existing file is replaced
+    atomically; a half-written file is never left behind.
     """
-    try:
-        best = study.best_trial
-    except ValueError:
-        raise RuntimeFailure(f"study {study.study_name!r} has no completed trial yet: nothing "
-                             "to export (see `tuner status`)") from None
+    best = _chosen_trial(study)
     dest = Path(path).expanduser()
     if dest.is_dir():
         dest = dest / f"{study.study_name}-trial{best.number}.keras"
@@ -62,3 +60,19 @@ def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
         with contextlib.suppress(OSError):  # e.g. its folder is a file: nothing to clean
             partial.unlink(missing_ok=True)
     return dest.resolve()
+
+
+def _chosen_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    from tuner.confirm import ranking
+
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise RuntimeFailure(f"study {study.study_name!r} has no completed trial yet: nothing "
+                             "to export (see `tuner status`)") from None
+    ranked = [c for c in ranking(study) or [] if c.runs]
+    if not ranked:
+        return best
+    runs = {t.number: t for t in study.get_trials(deepcopy=False)}
+    winner = ranked[0]
+    return min((runs[n] for n in winner.runs), key=lambda t: (t.value, t.number))

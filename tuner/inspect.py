@@ -32,8 +32,8 @@ STATES = ("running", "complete", "pruned", "failed", "waiting")
 _STATE_NAMES = {"running": "RUNNING", "complete": "COMPLETE", "pruned": "PRUNED",
                 "failed": "FAIL", "waiting": "WAITING"}
 EDGE_FRACTION = 0.05
-TRIAL_COLUMNS = ("val_loss", "val_accuracy", "gap", "epochs_run", "pruned_at", "host", "seconds",
-                 "fail_reason")
+_OPTIONAL_COLUMNS = ("test_loss", "test_accuracy", "confirms", "fail_reason")
+_LONG_COLUMNS = ("train_loss", "best_epoch", "started_at", "ended_at")  # in csv and json only
 
 
 # ---------------------------------------------------------------------------- status
@@ -83,8 +83,8 @@ def study_status(storage: RDBStorage | SQLStorage, study_id: int, name: str) -> 
         states = {key: counts.get(db, 0) for key, db in _STATE_NAMES.items()}
         spec = optuna_sql.study_attr(conn, study_id, attrs.SPEC)
         spec = spec if isinstance(spec, dict) else {}
-        budget = Budget.from_spec(spec, optuna_sql.study_attr(conn, study_id,
-                                                              attrs.CLOCK_STARTED))
+        budget = Budget.from_spec(spec, optuna_sql.study_attr(conn, study_id, attrs.CLOCK_STARTED),
+                                  optuna_sql.study_attr(conn, study_id, attrs.CONFIRM))
         epochs = (optuna_sql.epochs_reported(conn, study_id)
                   if budget.epochs is not None else None)
         best = optuna_sql.best_trial(conn, study_id) if states["complete"] else None
@@ -262,24 +262,52 @@ def trial_rows(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
 
 
 def _trial_row(t: FrozenTrial, names: list[str]) -> dict[str, Any]:
-    attrs = t.user_attrs
+    a = t.user_attrs
     val_loss = t.value
     if t.state == TrialState.PRUNED and t.intermediate_values:
         finite = [v for v in t.intermediate_values.values() if math.isfinite(v)]
         val_loss = min(finite) if finite else None
+    started, ended = _trial_times(t)
     row: dict[str, Any] = {"number": t.number, "state": t.state.name}
     row.update({name: t.params.get(name) for name in names})
     row.update({
         "val_loss": val_loss,
-        "val_accuracy": attrs.get("val_accuracy"),
-        "gap": attrs.get("gap"),
-        "epochs_run": attrs.get("epochs_run"),
-        "pruned_at": attrs.get("pruned_at"),
-        "host": attrs.get("host"),
-        "seconds": attrs.get("seconds"),
-        "fail_reason": attrs.get("fail_reason"),
+        "val_accuracy": a.get(attrs.VAL_ACCURACY),
+        "train_loss": a.get(attrs.TRAIN_LOSS),
+        "gap": a.get(attrs.GAP),
+        "test_loss": a.get(attrs.TEST_LOSS),
+        "test_accuracy": a.get(attrs.TEST_ACCURACY),
+        "best_epoch": a.get(attrs.BEST_EPOCH),
+        "epochs_run": a.get(attrs.EPOCHS_RUN),
+        "pruned_at": a.get(attrs.PRUNED_AT),
+        "confirms": t.system_attrs.get(attrs.CONFIRMS),
+        "host": a.get(attrs.HOST),
+        "started_at": started,
+        "ended_at": ended,
+        "seconds": a.get(attrs.SECONDS),
+        "fail_reason": a.get(attrs.FAIL_REASON),
     })
     return {k: _finite(v) for k, v in row.items()}
+
+
+def _trial_times(t: FrozenTrial) -> tuple[str | None, str | None]:
+    """Start and end in UTC (ISO 8601), from the trial's own ``started_at``.
+
+    Optuna's ``datetime_start``/``datetime_complete`` are the worker's local time without a
+    zone; only their difference is used, which is the same in every zone.
+    """
+    started = t.user_attrs.get(attrs.STARTED_AT)
+    if started is None:
+        return None, None
+    start = dt.datetime.fromtimestamp(started, dt.UTC)
+    end = None
+    if t.datetime_start is not None and t.datetime_complete is not None:
+        end = start + (t.datetime_complete - t.datetime_start)
+    return _iso(start), None if end is None else _iso(end)
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.isoformat(timespec="seconds")
 
 
 def format_trials(rows: list[dict[str, Any]], fmt: str) -> str:
@@ -295,8 +323,11 @@ def format_trials(rows: list[dict[str, Any]], fmt: str) -> str:
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
         return out.getvalue().rstrip("\n")
-    if all(r["fail_reason"] is None for r in rows):
-        keys.remove("fail_reason")
+    for key in _OPTIONAL_COLUMNS:  # the table leaves out columns with nothing in them
+        if all(r[key] is None for r in rows):
+            keys.remove(key)
+    for key in _LONG_COLUMNS:
+        keys.remove(key)
     table = [keys] + [[_cell(k, r[k]) for k in keys] for r in rows]
     return _align(table, right={i for i, k in enumerate(keys)
                                 if k not in ("state", "host", "fail_reason")})

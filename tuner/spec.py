@@ -47,6 +47,13 @@ class DataSpec:
     validation_split: float = 0.2
     image_size: tuple[int, int] = (32, 32)
     limit: int | None = None
+    test_split: float = 0.0  # held out for the test when the source has no test part
+
+
+def source_kind(source: str) -> tuple[str, str]:
+    """``"npz:/data/x.npz"`` → ``("npz", "/data/x.npz")``; ``"digits"`` → ``("digits", "")``."""
+    kind, _, rest = source.partition(":")
+    return kind, rest
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,7 @@ class StudySpec:
     epoch_budget: int | None = None  # epochs trained by the whole study, every trial counted
     time_budget: float | None = None  # seconds from the first trial; no trial starts after
     trial_timeout: float | None = None  # seconds one trial may train before it is failed
+    pruner_warmup: int | None = None  # epochs before pruning; None: a quarter of the epochs
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict, the form stored in the study."""
@@ -104,6 +112,7 @@ class StudySpec:
             epoch_budget=raw.get("epoch_budget"),
             time_budget=raw.get("time_budget"),
             trial_timeout=raw.get("trial_timeout"),
+            pruner_warmup=raw.get("pruner_warmup"),
             data=DataSpec(**{**raw["data"], "image_size": tuple(raw["data"]["image_size"])}),
             model=ModelSpec(**raw["model"]),
             search=SearchSpec(
@@ -143,8 +152,9 @@ def parse_spec(raw: dict[str, Any], where: str = "<study>") -> StudySpec:
     model = p.table(raw, "model")
     search = p.table(raw, "search")
     p.only_keys(study, "study", {"name", "n_trials", "epoch_budget", "time_budget",
-                                 "trial_timeout", "sampler", "pruner", "seed"})
-    p.only_keys(data, "data", {"source", "validation_split", "image_size", "limit"})
+                                 "trial_timeout", "sampler", "pruner", "pruner_warmup", "seed"})
+    p.only_keys(data, "data", {"source", "validation_split", "test_split", "image_size",
+                               "limit"})
     p.only_keys(model, "model", {"family", "epochs", "batch_size", "patience", "learning_rate"})
     p.only_keys(search, "search", {"dropout", "l2", "augment", "flip", "learning_rate"})
 
@@ -167,6 +177,7 @@ def parse_spec(raw: dict[str, Any], where: str = "<study>") -> StudySpec:
         epoch_budget=epoch_budget,
         time_budget=time_budget,
         trial_timeout=p.duration(study, "study", "trial_timeout"),
+        pruner_warmup=p.integer(study, "study", "pruner_warmup", None, minimum=0),
         sampler=p.choice(study, "study", "sampler", "tpe", SAMPLERS),
         pruner=p.choice(study, "study", "pruner", "median", PRUNERS),
         seed=p.integer(study, "study", "seed", None, minimum=0),
@@ -176,6 +187,7 @@ def parse_spec(raw: dict[str, Any], where: str = "<study>") -> StudySpec:
                                       open_low=True, open_high=True),
             image_size=p.image_size(data),
             limit=p.integer(data, "data", "limit", None, minimum=10),
+            test_split=_test_split(p, data),
         ),
         model=ModelSpec(
             family=family,
@@ -189,8 +201,17 @@ def parse_spec(raw: dict[str, Any], where: str = "<study>") -> StudySpec:
     )
 
 
+def _test_split(p: _Parser, data: dict[str, Any]) -> float:
+    test = p.number(data, "data", "test_split", 0.0, low=0.0, high=1.0, open_high=True)
+    validation = data.get("validation_split", 0.2)
+    if isinstance(validation, int | float) and test + validation >= 1.0:
+        p.fail("data", "test_split", f"test_split {test:g} and validation_split "
+               f"{validation:g} leave nothing to train on: together they must stay below 1")
+    return test
+
+
 def _check_source(p: _Parser, source: str) -> str:
-    kind, _, rest = source.partition(":")
+    kind, rest = source_kind(source)
     if source == "digits":
         return source
     if kind in ("npz", "images") and rest:

@@ -8,6 +8,7 @@ every process (Optuna does not store them).
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import replace
 
 import optuna
@@ -76,15 +77,35 @@ def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseS
                                       constant_liar=True)
 
 
+def warmup_epochs(spec: StudySpec) -> int:
+    """Epochs every trial trains before a pruner may stop it.
+
+    ``[study] pruner_warmup``, else a quarter of ``[model] epochs`` (at least 2): strongly
+    regularized models (heavy L2, dropout or augmentation) learn more slowly at first, and a
+    pruner that stops slow starters biases the search against the very knobs it tunes.
+    """
+    if spec.pruner_warmup is not None:
+        return min(spec.pruner_warmup, spec.model.epochs - 1)
+    return max(0, min(max(2, math.ceil(spec.model.epochs / 4)), spec.model.epochs - 1))
+
+
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    epochs = spec.model.epochs
+    """The study's pruner; no trial is stopped before it trained :func:`warmup_epochs` + 1.
+
+    tuner reports epoch ``e`` as step ``e`` (1-based, as the dashboard shows it), and Optuna
+    may prune from step ``n_warmup_steps`` on; hence ``warm-up + 1``. A warm-up of 2 prunes
+    after 3 epochs at the earliest, as ``n_warmup_steps=2`` does in a plain Optuna script with
+    ``KerasPruningCallback`` (which counts epochs from 0).
+    """
+    first = warmup_epochs(spec) + 1  # the first epoch at whose end a trial may be stopped
     if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=min(2, epochs - 1))
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=first)
     if spec.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs,
+        return optuna.pruners.HyperbandPruner(min_resource=first,
+                                              max_resource=spec.model.epochs,
                                               reduction_factor=3)
     if spec.pruner == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 

@@ -79,8 +79,12 @@ def work(storage: RDBStorage, study_name: str, *, n_trials: int | None = None,
     time limit where no exception reaches it (see :class:`_Heartbeat`).
     """
     study, spec = studies.load(study_name, storage)
-    study.sampler = studies.make_sampler(spec, seed_offset)
     claimer = Claimer(study, storage)
+    usage = claimer.state()[0]
+    # A seeded study stays reproducible, but a second `tuner run` must not draw the same
+    # configurations again: the seed moves on by the trials the study already holds.
+    started_with = usage.finished + usage.running + usage.waiting + usage.failed
+    study.sampler = studies.make_sampler(spec, seed_offset + started_with)
     verdict = claimer.verdict()
     if verdict.reason:  # the budget is spent: say so before paying for TensorFlow
         return Summary(0, verdict.reason)
@@ -127,7 +131,8 @@ def work(storage: RDBStorage, study_name: str, *, n_trials: int | None = None,
                         signals.arm()
                         trial.set_user_attr(attrs.PID, os.getpid())
                         with limit.running():
-                            result = run_trial(trial, spec, arrays, datasets, store)
+                            result = run_trial(trial, spec, arrays, datasets, store,
+                                               prunable=claimed.confirms is None)
                     finally:
                         signals.disarm()
                     frozen = study.tell(trial, result.val_loss)

@@ -1,0 +1,81 @@
+"""Pruning must not punish regularization: the warm-up means what it says, scales with the
+study's epochs, and a slow starter that overtakes is not stopped before it can. No TensorFlow."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+
+from tuner.spec import parse_spec
+from tuner.study import make_pruner, warmup_epochs
+
+
+def spec_for(epochs: int, pruner: str = "median", **study: object) -> object:
+    return parse_spec({"study": {"name": "p", "pruner": pruner, **study},
+                       "model": {"epochs": epochs}})
+
+
+def _study_with_light_trials(pruner: optuna.pruners.BasePruner, curve: list[float],
+                             n: int = 6) -> optuna.Study:
+    """``n`` completed trials that learn fast and plateau (lightly regularized)."""
+    study = optuna.create_study(pruner=pruner)
+    for i in range(n):
+        study.add_trial(optuna.trial.create_trial(
+            params={"l2": 1e-5}, distributions={"l2": FloatDistribution(1e-6, 1e-1, log=True)},
+            value=min(curve) + 0.01 * i,
+            intermediate_values={e + 1: v + 0.01 * i for e, v in enumerate(curve)}))
+    return study
+
+
+def _first_pruned_epoch(study: optuna.Study, curve: list[float]) -> int | None:
+    trial = study.ask()
+    for epoch, value in enumerate(curve, start=1):
+        trial.report(value, epoch)  # tuner reports epoch e as step e
+        if trial.should_prune():
+            return epoch
+    return None
+
+
+LIGHT = [0.9, 0.45, 0.36, 0.33, 0.32, 0.31, 0.31, 0.31, 0.30, 0.30] + [0.30] * 10
+# Heavy L2 and augmentation: slow for five epochs, then better than every light trial.
+HEAVY = [2.2, 1.9, 1.4, 0.9, 0.45, 0.29, 0.25, 0.22, 0.21, 0.20] + [0.19] * 10
+
+
+def test_a_slow_starter_that_overtakes_after_epoch_5_is_not_pruned_before_it_can() -> None:
+    pruner = make_pruner(spec_for(20))
+    assert _first_pruned_epoch(_study_with_light_trials(pruner, LIGHT), HEAVY) is None
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband", "successive-halving"])
+def test_no_pruner_stops_a_trial_within_the_warm_up(pruner: str) -> None:
+    spec = spec_for(20, pruner)
+    warmup = warmup_epochs(spec)
+    hopeless = [5.0] * 20
+    study = _study_with_light_trials(make_pruner(spec), LIGHT, n=12)
+    for _ in range(6):  # several, since Hyperband puts trials in brackets by their number
+        first = _first_pruned_epoch(study, hopeless)
+        assert first is None or first > warmup
+
+
+def test_warm_up_scales_with_the_epochs_and_can_be_set() -> None:
+    assert [warmup_epochs(spec_for(e)) for e in (2, 4, 8, 15, 20, 60)] == [1, 2, 2, 4, 5, 15]
+    assert warmup_epochs(spec_for(20, pruner_warmup=2)) == 2
+
+
+def test_the_warm_up_counts_epochs_as_a_plain_optuna_script_does() -> None:
+    """``pruner_warmup = 2``: the earliest prune is after 3 epochs, as ``n_warmup_steps=2``
+    in a script with optuna-integration's KerasPruningCallback (steps from 0)."""
+    hopeless = [5.0] * 20
+    ours = _study_with_light_trials(make_pruner(spec_for(20, pruner_warmup=2)), LIGHT)
+    assert _first_pruned_epoch(ours, hopeless) == 3
+    plain = _study_with_light_trials(
+        optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2), LIGHT)
+    trial = plain.ask()
+    for step, value in enumerate(hopeless):  # KerasPruningCallback reports epoch e as step e-1
+        trial.report(value, step)
+        if trial.should_prune():
+            assert step + 1 == 3
+            break
+    else:
+        pytest.fail("never pruned")

@@ -1,0 +1,140 @@
+"""Choosing honestly: validation chooses and the test split never does, an epoch budget holds
+across workers, the confirm step queues its runs once, and `tuner best --json` keeps its keys.
+Real PostgreSQL, real training on tiny data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from conftest import REPO, run_tuner, write_study
+from test_faults import Worker, _trials, workers  # noqa: F401
+
+BEST_KEYS = {"study", "trial", "val_loss", "val_accuracy", "train_loss",
+             "train_loss_training_mode", "gap", "test_loss", "test_accuracy",
+             "test_loss_median_of_completed", "test_worse_than_median", "best_epoch",
+             "epochs_run", "max_epochs", "params", "keras_val_loss", "host", "gpu", "seconds",
+             "model_artifact", "confirmed"}
+
+
+def _inverted_test_source(tmp_path: Path) -> Path:
+    """Digits whose test labels are all shifted by one: the better a model is on validation,
+    the worse it is on this test part. Selecting by test would pick the worst trial."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images * 255 / 16).astype(np.uint8)
+    y = digits.target
+    path = tmp_path / "inverted.npz"
+    np.savez(path, x=x[:700], y=y[:700], x_test=x[700:1000], y_test=(y[700:1000] + 1) % 10)
+    return path
+
+
+def test_the_test_split_never_chooses(tmp_path: Path, pg_url: str) -> None:
+    source = _inverted_test_source(tmp_path)
+    study = write_study(tmp_path, "honest", n_trials=5, epochs=3, source=f"npz:{source}",
+                        limit=None, l2="[1e-6, 1e-1]", dropout="[0.0, 0.6]")
+    run = run_tuner("run", str(study), "--storage", pg_url, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    trials = [t for t in _trials(pg_url, "honest") if t.state.name == "COMPLETE"]
+    by_val = min(trials, key=lambda t: t.value)
+    by_test = min(trials, key=lambda t: t.user_attrs["test_loss"])
+    assert by_val.number != by_test.number  # the data makes them disagree
+    best = json.loads(run_tuner("best", "--study", "honest", "--storage", pg_url,
+                                "--json").stdout)
+    assert best["trial"] == by_val.number
+    assert best["test_loss"] == pytest.approx(by_val.user_attrs["test_loss"])
+    # the best epoch is the validation curve's minimum, not the test's
+    for t in trials:
+        curve = t.user_attrs["curve"]["val_loss"]
+        assert t.user_attrs["best_epoch"] == int(np.argmin(curve)) + 1
+    # and `tuner best` says plainly that this winner is worse on test than the median
+    text = run_tuner("best", "--study", "honest", "--storage", pg_url).stdout
+    assert best["test_worse_than_median"] is True
+    assert "is worse than the median completed trial's" in text
+
+
+def test_best_json_keys_are_stable(tmp_path: Path, pg_url: str) -> None:
+    study = write_study(tmp_path, "keys", n_trials=2, epochs=1)
+    assert run_tuner("run", str(study), "--storage", pg_url).returncode == 0
+    best = json.loads(run_tuner("best", "--study", "keys", "--storage", pg_url,
+                                "--json").stdout)
+    assert set(best) == BEST_KEYS
+    assert best["test_loss"] is None and best["confirmed"] is None  # no test split, no confirm
+
+
+def _confirm(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tuner", "confirm", "--study", "conf",
+                           "--storage", url, "--top", "2", "--seeds", "2"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_confirmation_is_queued_once_however_many_ask(tmp_path: Path, pg_url: str) -> None:
+    study = write_study(tmp_path, "conf", n_trials=4, epochs=2, pruner="median")
+    assert run_tuner("run", str(study), "--storage", pg_url).returncode == 0
+    procs = [subprocess.Popen([sys.executable, "-m", "tuner", "confirm", "--study", "conf",
+                               "--storage", pg_url, "--top", "2", "--seeds", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert sum(out.startswith("Queued 4 runs") for out, _ in outputs) == 1
+    trials = _trials(pg_url, "conf")
+    queued = [t for t in trials if t.state.name == "WAITING"]
+    assert len(queued) == 4
+    best_two = sorted((t for t in trials if t.state.name == "COMPLETE"),
+                      key=lambda t: t.value)[:2]
+    assert sorted(t.system_attrs["tuner:confirms"] for t in queued) == sorted(
+        [best_two[0].number] * 2 + [best_two[1].number] * 2)
+    # the workers run them next, to the end (never pruned), within the grown budget
+    again = run_tuner("run", str(study), "--storage", pg_url)
+    assert again.returncode == 0, again.stderr
+    assert "8 trials is spent" in again.stdout
+    trials = _trials(pg_url, "conf")
+    runs = [t for t in trials if "tuner:confirms" in t.system_attrs]
+    assert [t.state.name for t in runs] == ["COMPLETE"] * 4
+    assert all(t.user_attrs["pruned_at"] is None for t in runs)
+    best = json.loads(run_tuner("best", "--study", "conf", "--storage", pg_url,
+                                "--json").stdout)
+    confirmed = best["confirmed"]
+    assert confirmed["pending"] == 0 and len(confirmed["configs"]) == 2
+    assert all(len(c["runs"]) == 3 for c in confirmed["configs"])
+    means = [c["val_loss_mean"] for c in confirmed["configs"]]
+    assert means == sorted(means) and confirmed["winner"] == confirmed["configs"][0]
+    repeat = _confirm(pg_url)
+    assert repeat.returncode == 0 and "already confirmed" in repeat.stdout
+
+
+@pytest.mark.slow
+def test_the_epoch_budget_holds_across_two_workers(tmp_path: Path, pg_url: str,
+                                                   workers: list[Worker]) -> None:  # noqa: F811
+    budget, epochs = 24, 3
+    study = write_study(tmp_path, "epochs", n_trials=1, epochs=epochs, pruner="none",
+                        family="user_models:tiny", patience=epochs)
+    text = study.read_text().replace("n_trials = 1\n", f"epoch_budget = {budget}\n")
+    study.write_text(text)
+    assert run_tuner("create", str(study), "--storage", pg_url).returncode == 0
+    for name in ("a", "b"):
+        workers.append(Worker(tmp_path, name, "--study", "epochs", "--gpus", "none",
+                              storage=pg_url))
+    assert [w.wait() for w in workers] == [0, 0], [w.stderr for w in workers]
+    trials = _trials(pg_url, "epochs")
+    used = sum(len(t.intermediate_values) for t in trials)
+    assert budget <= used < budget + 2 * epochs  # only trials already running went past it
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert all(f"study budget of {budget} epochs is spent" in w.stdout for w in workers)
+    print(f"\n[epoch budget {budget}, 2 workers] {len(trials)} trials, {used} epochs trained")
+
+
+def test_run_has_a_timeout(tmp_path: Path) -> None:
+    study = write_study(tmp_path, "timed", n_trials=50, epochs=1)
+    run = run_tuner("run", str(study), "--timeout", "0.5", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "Done: reached --timeout 0.5s." in run.stdout
+    storage = f"sqlite:///{tmp_path / 'tuner.db'}"
+    assert len(optuna.load_study(study_name="timed", storage=storage).trials) == 1

@@ -1,0 +1,135 @@
+"""The confirm step: a winner that is not luck.
+
+Retraining one configuration with another seed moves its validation loss by about as much as
+separates good configurations, so the best single trial is partly chosen by chance.
+:func:`queue` puts the top ``K`` configurations back in the queue, ``M`` times each, as
+ordinary WAITING trials of the same study: the workers on the GPU nodes run them (each with a
+seed of its own, since a trial's seed follows its number), they are never pruned, and the
+study's budget grows by exactly their number. :func:`ranking` then ranks configurations by
+their mean validation loss over every run, with its spread.
+
+Queuing happens once, under the study's budget lock, however many times (or from however many
+machines) it is asked for; the request is kept in the study attribute ``confirm``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner import attrs
+from tuner.budget import budget_lock
+from tuner.errors import UserError
+
+
+@dataclass(frozen=True)
+class Queued:
+    """What a confirm request holds: the configurations and how many runs were queued."""
+
+    top: int
+    seeds: int
+    configs: list[int]
+    trials: int
+    new: bool  # queued by this call, rather than found queued already
+
+
+def queue(study: optuna.Study, storage: RDBStorage, top: int, seeds: int) -> Queued:
+    """Queue ``seeds`` new runs of each of the ``top`` best configurations (once per study)."""
+    if top < 1 or seeds < 1:
+        raise UserError("confirm: --top and --seeds must be at least 1")
+    with budget_lock(storage, study.study_name):
+        done = storage.get_study_user_attrs(study._study_id).get(attrs.CONFIRM)
+        if done is not None:
+            return Queued(done["top"], done["seeds"], done["configs"], done["trials"], False)
+        best = _best_configurations(study, top)
+        if not best:
+            raise UserError(f"study {study.study_name!r} has no completed trial to confirm yet "
+                            "(see `tuner status`)")
+        for trial in best:
+            for _ in range(seeds):
+                study.add_trial(optuna.trial.create_trial(
+                    state=TrialState.WAITING, params=trial.params,
+                    distributions=trial.distributions,
+                    system_attrs={attrs.CONFIRMS: trial.number}))
+        request = {"top": top, "seeds": seeds, "configs": [t.number for t in best],
+                   "trials": len(best) * seeds}
+        study.set_user_attr(attrs.CONFIRM, request)
+    return Queued(**request, new=True)
+
+
+def _best_configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
+    """The ``top`` completed trials with the lowest validation loss, one per configuration."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None and math.isfinite(t.value)
+                and attrs.CONFIRMS not in t.system_attrs]
+    seen: set[tuple[tuple[str, Any], ...]] = set()
+    best = []
+    for t in sorted(complete, key=lambda t: (t.value, t.number)):
+        key = tuple(sorted(t.params.items()))
+        if key not in seen:
+            seen.add(key)
+            best.append(t)
+    return best[:top]
+
+
+@dataclass
+class Configuration:
+    """One confirmed configuration: every finished run of it and their spread."""
+
+    trial: int  # the search trial it came from
+    params: dict[str, Any]
+    runs: list[int] = field(default_factory=list)  # trial numbers of its COMPLETE runs
+    val_losses: list[float] = field(default_factory=list)
+    test_losses: list[float] = field(default_factory=list)
+    pending: int = 0  # runs queued or running
+
+    @property
+    def val_loss_mean(self) -> float:
+        return statistics.fmean(self.val_losses)
+
+    @property
+    def val_loss_std(self) -> float:
+        return statistics.stdev(self.val_losses) if len(self.val_losses) > 1 else 0.0
+
+    @property
+    def test_loss_mean(self) -> float | None:
+        return statistics.fmean(self.test_losses) if self.test_losses else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trial": self.trial, "params": self.params, "runs": self.runs,
+                "val_loss_mean": self.val_loss_mean, "val_loss_std": self.val_loss_std,
+                "test_loss_mean": self.test_loss_mean, "pending": self.pending}
+
+
+def ranking(study: optuna.Study) -> list[Configuration] | None:
+    """The confirmed configurations, best mean validation loss first (``None``: not asked)."""
+    request = study.user_attrs.get(attrs.CONFIRM)
+    if request is None:
+        return None
+    trials = study.get_trials(deepcopy=False)
+    by_number = {t.number: t for t in trials}
+    configs = {n: Configuration(n, dict(by_number[n].params)) for n in request["configs"]}
+    for t in trials:
+        origin = t.system_attrs.get(attrs.CONFIRMS, t.number)
+        config = configs.get(origin)
+        if config is None:
+            continue
+        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
+            config.runs.append(t.number)
+            config.val_losses.append(t.value)
+            if attrs.TEST_LOSS in t.user_attrs:
+                config.test_losses.append(float(t.user_attrs[attrs.TEST_LOSS]))
+        elif t.state in (TrialState.WAITING, TrialState.RUNNING):
+            config.pending += 1
+    return sorted(configs.values(), key=lambda c: (c.val_loss_mean, c.trial))
+
+
+def is_confirmation(trial: optuna.Trial | FrozenTrial) -> bool:
+    """Whether ``trial`` retrains a configuration for the confirm step (never pruned)."""
+    return attrs.CONFIRMS in trial.system_attrs
