@@ -162,8 +162,8 @@ def _time_command(cmd: list[str], repeats: int) -> list[float]:
 
 
 def _measure(url: str, repeats: int) -> dict[str, Any]:
-    from tuner import optuna_sql
-    from tuner.inspect import all_status, format_status
+    from tuner import optuna_sql, render
+    from tuner.inspect import all_status
     from tuner.storage import open_storage
 
     cli = [PY, "-m", "tuner", "status", "--study", STUDY, "--storage", url]
@@ -176,11 +176,11 @@ def _measure(url: str, repeats: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     storage = open_storage(url, heartbeat=False)
     open_s = time.perf_counter() - t0
-    all_status(storage, STUDY)  # warm the pool
+    all_status(storage.engine, STUDY)  # warm the pool
     fn_s = []
     for _ in range(max(10, repeats * 3)):
         t0 = time.perf_counter()
-        (status,) = all_status(storage, STUDY)
+        (status,) = all_status(storage.engine, STUDY)
         fn_s.append(time.perf_counter() - t0)
     study_id = storage.get_study_id_from_name(STUDY)
     t0 = time.perf_counter()
@@ -198,7 +198,7 @@ def _measure(url: str, repeats: int) -> dict[str, Any]:
         "open_storage_s": open_s,
         "function_median_s": statistics.median(fn_s), "function_max_s": max(fn_s),
         "load_all_trials_s": load_all_s, "trials_loaded": n_loaded,
-        "counts": counts, "status_text": format_status(status),
+        "counts": counts, "status_text": render.status(status),
     }
 
 

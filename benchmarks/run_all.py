@@ -108,21 +108,21 @@ def _goals(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]
                      f"{s['peak_connections_at_max_workers']}",
                      "met" if g[key] < 50 and flat else "missed"))
     if pr := results.get("pruning"):
-        for name in ("median", "hyperband"):
-            q = pr["per_pruner"][name]
-            rows.append((f"pruning ({name})", ">= 3x fewer epochs, best val_loss within 2 %",
+        for name, q in pr["default"].items():
+            rows.append((f"pruning, {name}", ">= 3x fewer epochs, best val_loss within 2 %",
                          f"{q['epoch_saving_vs_none']:.2f}x fewer epochs, val_loss "
-                         f"x{q['best_val_loss_vs_none']:.3f}",
+                         f"x{q['best_val_loss_vs_none']:.3f}, test loss of the pick "
+                         f"x{q['test_loss_vs_none']:.3f}",
                          "met" if q["goal_met"] else "missed"))
     if q := results.get("quality"):
-        for peer, g in q["goal"].items():
-            s = q["summary"]
-            rows.append((f"quality vs {peer}", "val_loss <= peer, less wall time",
-                         f"{s['tuner']['best_val_loss']['mean']:.4f} vs "
-                         f"{s[peer]['best_val_loss']['mean']:.4f}; "
-                         f"{s['tuner']['wall_s']['mean']:.0f}s vs "
-                         f"{s[peer]['wall_s']['mean']:.0f}s",
-                         "met" if g["loss_at_least_as_good"] and g["less_wall_time"]
+        for name, g in q["goal"].items():
+            p = q["paired"][name]
+            rows.append((f"quality, {name}", "mean test loss <= peer's at equal epochs, "
+                         "no more wall time",
+                         f"test {g['tuner_test_loss']:.4f} vs {g['peer_test_loss']:.4f} "
+                         f"(wins/ties/losses {p['wins']}/{p['ties']}/{p['losses']}); "
+                         f"{g['tuner_wall_s']:.0f}s vs {g['peer_wall_s']:.0f}s",
+                         "met" if g["test_loss_at_least_as_good"] and g["no_more_wall_time"]
                          else "missed"))
     if st := results.get("bench_status"):
         g = st["goal"]

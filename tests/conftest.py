@@ -1,5 +1,6 @@
 """Shared fixtures: a fresh database per test on the real PostgreSQL, tiny study files, and
-the real ``tuner`` command in a subprocess.
+the real ``tuner`` command, in this process (:func:`cli`) or in a subprocess (:func:`run_tuner`,
+for signals, exit codes and what a terminal shows).
 
 ``TUNER_TEST_DATABASE_URL`` points at the server (default: postgres on 127.0.0.1:5432, trust
 auth). Every test that asks for ``pg_url`` gets a database of its own, dropped afterwards.
@@ -7,12 +8,14 @@ auth). Every test that asks for ``pg_url`` gets a database of its own, dropped a
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,33 @@ def run_tuner(*args: str, cwd: Path | None = None, env: dict[str, str] | None = 
     full_env.pop("TUNER_STORAGE", None) if env is None or "TUNER_STORAGE" not in env else None
     return subprocess.run([*TUNER, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What a command did: like ``subprocess.CompletedProcess``, for :func:`cli`."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Ran:
+    """``tuner ARGS`` run in this process by ``tuner.cli.main`` with captured streams: the same
+    code path as the command, without a Python start-up per call."""
+    from tuner.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        if env is None or "TUNER_STORAGE" not in env:
+            os.environ.pop("TUNER_STORAGE", None)
+        os.environ.update(env or {})
+        code = main(list(args), out=out, err=err)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return Ran(int(code), out.getvalue(), err.getvalue())

@@ -1,5 +1,6 @@
 """Every user mistake: one line naming what and where, exit 2, no traceback, nothing written.
-Storage trouble: one line, exit 1, password masked."""
+Storage trouble: one line, exit 1, password masked. In-process through ``tuner.cli.main``;
+one real process checks what a terminal sees."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-from conftest import run_tuner, write_study
+from conftest import cli, run_tuner, write_study
 
 
 def assert_one_line(result, code: int, *needles: str) -> None:
@@ -45,13 +46,13 @@ def test_bad_study_file(tmp_path: Path, case: str) -> None:
     body, needle = BAD_FILES[case]
     path = write(tmp_path, body)
     db = tmp_path / "tuner.db"
-    result = run_tuner("run", str(path), "--storage", f"sqlite:///{db}")
+    result = cli("run", str(path), "--storage", f"sqlite:///{db}")
     assert_one_line(result, 2, str(path), needle)
     assert not db.exists()  # nothing was written
 
 
 def test_missing_study_file(tmp_path: Path) -> None:
-    result = run_tuner("run", str(tmp_path / "nope.toml"), cwd=tmp_path)
+    result = cli("run", str(tmp_path / "nope.toml"), cwd=tmp_path)
     assert_one_line(result, 2, "nope.toml", "study file not found")
     assert not (tmp_path / "tuner.db").exists()
 
@@ -73,14 +74,14 @@ def npz_study(tmp_path: Path, **arrays: np.ndarray) -> Path:
 ], ids=["missing", "no arrays", "x/y mismatch", "val mismatch", "not images"])
 def test_bad_npz_source(tmp_path: Path, arrays: dict, needle: str) -> None:
     path = npz_study(tmp_path, **arrays)
-    result = run_tuner("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")
+    result = cli("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")
     assert_one_line(result, 2, "[data] source npz:", needle)
     assert not (tmp_path / "x.db").exists()
 
 
 def test_bad_input_writes_nothing_to_postgres(tmp_path: Path, pg_url: str) -> None:
     path = write(tmp_path, BAD_FILES["low > high"][0])
-    assert_one_line(run_tuner("create", str(path), "--storage", pg_url), 2, "low 0.6")
+    assert_one_line(cli("create", str(path), "--storage", pg_url), 2, "low 0.6")
     import sqlalchemy
 
     engine = sqlalchemy.create_engine(pg_url)
@@ -89,21 +90,21 @@ def test_bad_input_writes_nothing_to_postgres(tmp_path: Path, pg_url: str) -> No
 
 
 def test_unknown_study_for_best(tmp_path: Path, pg_url: str) -> None:
-    run = run_tuner("create", str(write_study(tmp_path, "digits-x")), "--storage", pg_url)
+    run = cli("create", str(write_study(tmp_path, "digits-x")), "--storage", pg_url)
     assert run.returncode == 0, run.stderr
-    result = run_tuner("best", "--study", "digits-y", "--storage", pg_url)
+    result = cli("best", "--study", "digits-y", "--storage", pg_url)
     assert_one_line(result, 2, "unknown study 'digits-y'", "did you mean 'digits-x'")
     assert len(optuna.get_all_study_names(storage=pg_url)) == 1
 
 
 def test_best_on_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
-    result = run_tuner("best", "--study", "x", cwd=tmp_path)
+    result = cli("best", "--study", "x", cwd=tmp_path)
     assert_one_line(result, 2, "no database at sqlite:///tuner.db")
     assert not (tmp_path / "tuner.db").exists()
 
 
 def test_bad_flag_is_one_line(tmp_path: Path) -> None:
-    result = run_tuner("worker", "--study", "x", "--n-trials", "-3", cwd=tmp_path)
+    result = cli("worker", "--study", "x", "--n-trials", "-3", cwd=tmp_path)
     assert_one_line(result, 2, "--n-trials", "must be positive")
 
 
@@ -116,12 +117,12 @@ def test_unreachable_database_masks_the_password(tmp_path: Path) -> None:
 
 
 def test_malformed_url(tmp_path: Path) -> None:
-    result = run_tuner("create", str(write_study(tmp_path)), "--storage", "not a url")
+    result = cli("create", str(write_study(tmp_path)), "--storage", "not a url")
     assert_one_line(result, 2, "malformed storage URL")
 
 
 def test_a_port_that_is_not_a_number(tmp_path: Path) -> None:
-    result = run_tuner("status", "--storage", "postgresql+psycopg2://u@h:abc/db")
+    result = cli("status", "--storage", "postgresql+psycopg2://u@h:abc/db")
     assert_one_line(result, 2, "the port must be a number")
 
 
@@ -130,21 +131,21 @@ def test_a_port_that_is_not_a_number(tmp_path: Path) -> None:
                                   ["dashboard"]])
 def test_a_password_with_an_unescaped_at_sign_is_never_printed(verb: list[str]) -> None:
     url = "postgresql+psycopg2://postgres:p@S3cretPW@127.0.0.1:1/db"
-    result = run_tuner(*verb, "--storage", url)
+    result = cli(*verb, "--storage", url)
     assert_one_line(result, 2, "the password contains '@'", "%40")
     assert "S3cretPW" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("port", ["70000", "-1", "http"])
 def test_dashboard_port_out_of_range(port: str) -> None:
-    assert_one_line(run_tuner("dashboard", "--port", port), 2, "--port")
+    assert_one_line(cli("dashboard", "--port", port), 2, "--port")
 
 
 def test_an_npz_of_python_objects(tmp_path: Path) -> None:
     data = tmp_path / "data.npz"
     np.savez(data, x=np.array([object()] * 4, dtype=object), y=np.zeros(4, dtype=int))
     path = write_study(tmp_path, source=f"npz:{data}")
-    result = run_tuner("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")
+    result = cli("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")
     assert_one_line(result, 2, "array x holds Python objects")
     assert not (tmp_path / "x.db").exists()
 
@@ -153,6 +154,6 @@ def test_a_corrupt_npz(tmp_path: Path) -> None:
     data = tmp_path / "data.npz"
     data.write_bytes(b"PK\x03\x04" + b"not a zip archive" * 20)
     path = write_study(tmp_path, source=f"npz:{data}")
-    result = run_tuner("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")
+    result = cli("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")
     assert_one_line(result, 2, "not a readable .npz file")
     assert not (tmp_path / "x.db").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TUNER, run_tuner, write_study
+from conftest import TUNER, cli, write_study
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -70,7 +70,7 @@ def make_study(url: str, directory: Path, name: str = "look", *, n_trials: int =
 
 def test_status_shows_counts_best_budget_and_running_trials(tmp_path: Path, any_url: str) -> None:
     study = make_study(any_url, tmp_path)
-    proc = run_tuner("status", "--study", "look", "--storage", any_url, "--json")
+    proc = cli("status", "--study", "look", "--storage", any_url, "--json")
     assert proc.returncode == 0, proc.stderr
     (s,) = json.loads(proc.stdout)["studies"]
     assert s["states"] == {"running": 1, "complete": 12, "pruned": 2, "failed": 1,
@@ -88,7 +88,7 @@ def test_status_shows_counts_best_budget_and_running_trials(tmp_path: Path, any_
     assert mine[0]["gpu"] == "1" and mine[0]["epoch"] == 3 and mine[0]["max_epochs"] == 5
     assert mine[0]["heartbeat_age_s"] is not None and 0 <= mine[0]["heartbeat_age_s"] < 120
 
-    text = run_tuner("status", "--storage", any_url)
+    text = cli("status", "--storage", any_url)
     assert text.returncode == 0, text.stderr
     assert "Study 'look': 40 trials budget, 26 left" in text.stdout
     assert "12 complete, 2 pruned, 1 failed" in text.stdout
@@ -99,19 +99,19 @@ def test_status_shows_counts_best_budget_and_running_trials(tmp_path: Path, any_
 
 
 def test_status_of_every_study_and_of_none(tmp_path: Path, any_url: str) -> None:
-    empty = run_tuner("status", "--storage", any_url)
+    empty = cli("status", "--storage", any_url)
     if any_url.startswith("sqlite"):  # a read-only verb never creates the file
         assert empty.returncode == 2 and "no database at" in empty.stderr, empty.stderr
     else:
         assert empty.returncode == 0 and "No studies in" in empty.stdout, empty.stderr
     make_study(any_url, tmp_path, "first", complete=3, running=False)
     make_study(any_url, tmp_path, "second", complete=0, running=False)
-    proc = run_tuner("status", "--storage", any_url, "--json")
+    proc = cli("status", "--storage", any_url, "--json")
     assert proc.returncode == 0, proc.stderr
     by_name = {s["study"]: s for s in json.loads(proc.stdout)["studies"]}
     assert set(by_name) == {"first", "second"}
     assert by_name["second"]["best_value"] is None and by_name["second"]["running"] == []
-    text = run_tuner("status", "--storage", any_url).stdout
+    text = cli("status", "--storage", any_url).stdout
     assert "no completed trial yet" in text and "Study 'first'" in text
 
 
@@ -138,7 +138,7 @@ def test_status_imports_no_tensorflow(tmp_path: Path, any_url: str) -> None:
 def test_unknown_study_is_a_user_error(tmp_path: Path, any_url: str) -> None:
     make_study(any_url, tmp_path, complete=1, running=False)
     for verb in (["status"], ["trials"], ["importance"], ["best"]):
-        proc = run_tuner(*verb, "--study", "lok", "--storage", any_url)
+        proc = cli(*verb, "--study", "lok", "--storage", any_url)
         assert proc.returncode == 2, (verb, proc.stderr)
         assert proc.stderr.strip() == "tuner: error: unknown study 'lok': did you mean 'look'?"
 
@@ -146,7 +146,7 @@ def test_unknown_study_is_a_user_error(tmp_path: Path, any_url: str) -> None:
 def test_trials_in_three_formats(tmp_path: Path, any_url: str) -> None:
     study = make_study(any_url, tmp_path)
     n = len(study.trials)
-    as_json = run_tuner("trials", "--study", "look", "--storage", any_url, "--format", "json")
+    as_json = cli("trials", "--study", "look", "--storage", any_url, "--format", "json")
     assert as_json.returncode == 0, as_json.stderr
     rows = json.loads(as_json.stdout)
     keys = ["number", "state", "dropout", "l2", "augment", "val_loss", "val_accuracy",
@@ -164,14 +164,14 @@ def test_trials_in_three_formats(tmp_path: Path, any_url: str) -> None:
     failed = by_state["FAIL"]
     assert failed["fail_reason"] == "loss became nan" and failed["host"] == "node-c"
 
-    as_csv = run_tuner("trials", "--study", "look", "--storage", any_url, "--format", "csv")
+    as_csv = cli("trials", "--study", "look", "--storage", any_url, "--format", "csv")
     assert as_csv.returncode == 0, as_csv.stderr
     parsed = list(csv.DictReader(io.StringIO(as_csv.stdout)))
     assert len(parsed) == n and list(parsed[0]) == keys
     assert float(parsed[best.number]["val_loss"]) == pytest.approx(best.value)
     assert parsed[best.number]["fail_reason"] == ""
 
-    table = run_tuner("trials", "--study", "look", "--storage", any_url)
+    table = cli("trials", "--study", "look", "--storage", any_url)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     shown = ["number", "state", "dropout", "l2", "augment", "val_loss", "val_accuracy", "gap",
@@ -187,16 +187,16 @@ def test_trials_in_three_formats(tmp_path: Path, any_url: str) -> None:
 
 def test_trials_of_a_study_without_trials(tmp_path: Path, any_url: str) -> None:
     spec_path = write_study(tmp_path, "fresh")
-    assert run_tuner("create", str(spec_path), "--storage", any_url).returncode == 0
-    proc = run_tuner("trials", "--study", "fresh", "--storage", any_url, "--format", "json")
+    assert cli("create", str(spec_path), "--storage", any_url).returncode == 0
+    proc = cli("trials", "--study", "fresh", "--storage", any_url, "--format", "json")
     assert proc.returncode == 0 and json.loads(proc.stdout) == [], proc.stderr
-    proc = run_tuner("trials", "--study", "fresh", "--storage", any_url)
+    proc = cli("trials", "--study", "fresh", "--storage", any_url)
     assert proc.returncode == 0 and proc.stdout.strip() == "(no trials yet)"
 
 
 def test_importance_and_a_range_edge(tmp_path: Path, any_url: str) -> None:
     make_study(any_url, tmp_path, complete=20, best_l2=9.8e-3)
-    proc = run_tuner("importance", "--study", "look", "--storage", any_url, "--json")
+    proc = cli("importance", "--study", "look", "--storage", any_url, "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert set(report["importances"]) == {"dropout", "l2", "augment"}
@@ -207,7 +207,7 @@ def test_importance_and_a_range_edge(tmp_path: Path, any_url: str) -> None:
     assert ranges["l2"]["position"] > 0.95
     assert ranges["l2"]["advice"] == "pinned at the high edge: widen the range in [search] l2"
     assert ranges["dropout"]["pinned"] is None and ranges["dropout"]["advice"] is None
-    text = run_tuner("importance", "--study", "look", "--storage", any_url)
+    text = cli("importance", "--study", "look", "--storage", any_url)
     assert text.returncode == 0, text.stderr
     assert "widen the range in [search] l2" in text.stdout
     assert "fANOVA over 20 completed trials" in text.stdout
@@ -215,7 +215,7 @@ def test_importance_and_a_range_edge(tmp_path: Path, any_url: str) -> None:
 
 def test_importance_with_too_few_trials_says_so(tmp_path: Path, any_url: str) -> None:
     make_study(any_url, tmp_path, complete=1, running=False)
-    proc = run_tuner("importance", "--study", "look", "--storage", any_url)
+    proc = cli("importance", "--study", "look", "--storage", any_url)
     assert proc.returncode == 0, proc.stderr
     first = proc.stdout.splitlines()[0]
     assert first == ("Parameter importances: importances need at least 2 completed trials; "
@@ -227,8 +227,7 @@ def test_status_of_an_unreachable_database_is_one_line_without_the_password() ->
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket closes
-    proc = run_tuner("status", "--storage",
-                     f"postgresql+psycopg2://postgres:s3cret@127.0.0.1:{port}/x")
+    proc = cli("status", "--storage", f"postgresql+psycopg2://postgres:s3cret@127.0.0.1:{port}/x")
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("tuner: error: cannot open storage postgresql+psycopg2://"

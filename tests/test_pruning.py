@@ -7,8 +7,8 @@ import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 
+from tuner.pruning import make_pruner, warmup_epochs
 from tuner.spec import parse_spec
-from tuner.study import make_pruner, warmup_epochs
 
 
 def spec_for(epochs: int, pruner: str = "median", **study: object) -> object:
@@ -42,12 +42,27 @@ LIGHT = [0.9, 0.45, 0.36, 0.33, 0.32, 0.31, 0.31, 0.31, 0.30, 0.30] + [0.30] * 1
 HEAVY = [2.2, 1.9, 1.4, 0.9, 0.45, 0.29, 0.25, 0.22, 0.21, 0.20] + [0.19] * 10
 
 
-def test_a_slow_starter_that_overtakes_after_epoch_5_is_not_pruned_before_it_can() -> None:
-    pruner = make_pruner(spec_for(20))
-    assert _first_pruned_epoch(_study_with_light_trials(pruner, LIGHT), HEAVY) is None
+@pytest.mark.parametrize("pruner", ["median", "trend", "percentile", "patient", "hyperband",
+                                    "successive-halving"])
+def test_a_slow_starter_that_overtakes_after_epoch_5_is_not_pruned_before_it_can(
+        pruner: str) -> None:
+    study = _study_with_light_trials(make_pruner(spec_for(20, pruner)), LIGHT, n=12)
+    for _ in range(6):  # several, since Hyperband puts trials in brackets by their number
+        first = _first_pruned_epoch(study, HEAVY)
+        assert first is None or first > 6, f"{pruner} stopped it after epoch {first}"
 
 
-@pytest.mark.parametrize("pruner", ["median", "hyperband", "successive-halving"])
+def test_the_trend_rule_stops_a_levelled_off_trial_right_after_its_warm_up() -> None:
+    """Sparing slow starters must not mean sparing everything: a trial stuck at a bad loss
+    is stopped after 2 epochs, where the median rule with its longer warm-up waits for 6."""
+    stuck = [2.3, 2.29, 2.29, 2.29, 2.29, 2.29] + [2.29] * 14
+    trend = _study_with_light_trials(make_pruner(spec_for(20, "trend")), LIGHT)
+    assert _first_pruned_epoch(trend, stuck) == 2
+    median = _study_with_light_trials(make_pruner(spec_for(20, "median")), LIGHT)
+    assert _first_pruned_epoch(median, stuck) == 6
+
+
+@pytest.mark.parametrize("pruner", ["median", "trend", "hyperband", "successive-halving"])
 def test_no_pruner_stops_a_trial_within_the_warm_up(pruner: str) -> None:
     spec = spec_for(20, pruner)
     warmup = warmup_epochs(spec)

@@ -82,7 +82,7 @@ def test_spec_round_trips_through_json_form() -> None:
     (minimal(search={"augment": [0, 1.5]}), "[search] augment: 1.5 is out of range"),
     (minimal(search={"augment": {"shear": [0, 1]}}), "[search.augment] shear: unknown key"),
     ({"study": {"name": "s", "sampler": "grid"}}, "[study] sampler: unknown sampler 'grid'"),
-    ({"study": {"name": "s", "pruner": "patient"}}, "[study] pruner: unknown pruner 'patient'"),
+    ({"study": {"name": "s", "pruner": "wilcoxon"}}, "[study] pruner: unknown pruner 'wilcoxon'"),
     (minimal(model={"family": "resnet"}), "[model] family: unknown model family 'resnet'"),
     (minimal(data={"source": "mnist"}), "[data] source: unknown data source 'mnist'"),
     (minimal(data={"source": "keras:svhn"}), "[data] source: unknown keras dataset 'svhn'"),

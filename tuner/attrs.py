@@ -1,4 +1,4 @@
-"""The names tuner writes into Optuna's attribute tables, and what "finished" means.
+"""The names tuner writes into Optuna's attribute tables.
 
 Everything a user, the dashboard or Optuna's CLI reads back is spelled here once: a study's
 attributes (its spec, where its models live, when its clock started) and a trial's (what it
@@ -7,8 +7,6 @@ string.
 """
 
 from __future__ import annotations
-
-from optuna.trial import TrialState
 
 # --- study attributes ----------------------------------------------------------------------
 SPEC = "spec"  # the study file as JSON: what every worker needs to run a trial
@@ -42,6 +40,3 @@ CONFIRMS = "tuner:confirms"
 
 # Why a trial failed, when tuner (not the model) ended it.
 INTERRUPTED = "interrupted"  # given back on SIGTERM/Ctrl-C: its parameters run again
-
-# --- states ---------------------------------------------------------------------------------
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what uses up a study's trial budget

@@ -54,12 +54,8 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import exc as sa_exc
 
 from tuner import attrs, optuna_sql
-from tuner.storage import (
-    db_retry_seconds,
-    is_disconnect,
-    retry_interval,
-    retry_on_disconnect,
-)
+from tuner.render import duration
+from tuner.storage import retry_interval, retry_on_disconnect
 
 MAX_RETRY = 3  # times the parameters of a trial whose worker died are run again
 POLL_SECONDS = 2.0  # how often a waiting worker asks again
@@ -105,7 +101,7 @@ class Budget:
         if self.epochs is not None:
             parts.append(f"{self.epochs} epochs")
         if self.seconds is not None:
-            parts.append(describe_duration(self.seconds))
+            parts.append(duration(self.seconds))
         return ", ".join(parts) or "no limit"
 
     def progress(self, usage: Usage, now: float | None = None) -> str:
@@ -117,7 +113,7 @@ class Budget:
         if self.seconds is not None:
             spent = 0.0 if self.clock_started is None else \
                 max(0.0, (now or time.time()) - self.clock_started)
-            parts.append(f"{describe_duration(round(spent))} of {describe_duration(self.seconds)}")
+            parts.append(f"{duration(round(spent))} of {duration(self.seconds)}")
         return ", ".join(parts)
 
 
@@ -157,7 +153,7 @@ def decide(usage: Usage, budget: Budget, now: float) -> Verdict:
         return Verdict(Decision.STOP, f"study budget of {budget.epochs} epochs is spent")
     if (budget.seconds is not None and budget.clock_started is not None
             and now - budget.clock_started >= budget.seconds):
-        return Verdict(Decision.STOP, f"study time budget of {describe_duration(budget.seconds)} "
+        return Verdict(Decision.STOP, f"study time budget of {duration(budget.seconds)} "
                                       "is spent")
     if usage.waiting and (n is None or usage.finished + usage.running < n):
         return Verdict(Decision.TAKE)
@@ -395,19 +391,17 @@ def budget_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
     url = storage.engine.url
     if url.get_backend_name() == "postgresql":
         key = zlib.crc32(f"tuner-budget:{study_name}".encode())
-        deadline = time.monotonic() + db_retry_seconds()
-        attempt = 0
-        while True:
+
+        def lock() -> sqlalchemy.Connection:
+            conn = storage.engine.connect()
             try:
-                conn = storage.engine.connect()
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-                break
-            except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-                if not is_disconnect(exc) or time.monotonic() > deadline:
-                    raise
-                storage.engine.dispose()
-                time.sleep(retry_interval(attempt))
-                attempt += 1
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        conn = retry_on_disconnect(storage, lock)
         try:
             yield
         finally:
@@ -426,18 +420,3 @@ def budget_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
                 fcntl.flock(handle, fcntl.LOCK_UN)
     else:
         yield  # other databases: best effort
-
-
-def describe_duration(seconds: float) -> str:
-    """``90s``, ``30m``, ``8h`` as a study file writes them; ``1h 05m`` when not round."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    whole = int(round(seconds))
-    if whole < 60:
-        return f"{seconds:g}s"
-    if whole < 3600:
-        return f"{whole // 60}m {whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d {whole % 86400 // 3600:02d}h"

@@ -44,7 +44,7 @@ def queue(study: optuna.Study, storage: RDBStorage, top: int, seeds: int) -> Que
     if top < 1 or seeds < 1:
         raise UserError("confirm: --top and --seeds must be at least 1")
     with budget_lock(storage, study.study_name):
-        done = storage.get_study_user_attrs(study._study_id).get(attrs.CONFIRM)
+        done = study.user_attrs.get(attrs.CONFIRM)  # read afresh from the storage
         if done is not None:
             return Queued(done["top"], done["seeds"], done["configs"], done["trials"], False)
         best = _best_configurations(study, top)

@@ -10,22 +10,20 @@ first; uploads from the dashboard go to the first).
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
 from socketserver import ThreadingMixIn
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import sqlalchemy
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage
 
-from tuner import attrs
+from tuner import attrs, optuna_sql, render
 from tuner.errors import RuntimeFailure
-from tuner.storage import artifacts_dir, default_artifacts, mask, open_storage
+from tuner.settings import artifacts_dir
+from tuner.storage import open_storage
+from tuner.urls import mask
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -72,21 +70,15 @@ class SearchPathArtifactStore:
 
 def artifact_directories(storage: RDBStorage, url: str, override: str | None) -> list[Path]:
     """Where the dashboard looks for saved models (see the module docstring)."""
-    if override or os.environ.get("TUNER_ARTIFACTS"):
-        return [artifacts_dir(override, None).resolve()]
     with storage.engine.connect() as conn:
-        rows = conn.execute(sqlalchemy.text(
-            "SELECT a.value_json FROM study_user_attributes a JOIN studies s "
-            "ON s.study_id = a.study_id WHERE a.key = :key ORDER BY s.study_id"),
-            {"key": attrs.ARTIFACTS}).all()
-    recorded = [Path(json.loads(value)).expanduser().resolve() for (value,) in rows]
-    unique = list(dict.fromkeys(recorded))
-    return unique or [default_artifacts(url)]
+        recorded = optuna_sql.study_attr_everywhere(conn, attrs.ARTIFACTS)
+    chosen = [artifacts_dir(override, r, url).resolve() for r in recorded or [None]]
+    return list(dict.fromkeys(chosen))
 
 
-def run_dashboard(url: str, host: str = "127.0.0.1", port: int = 8080,
+def run_dashboard(url: str, out: TextIO, host: str = "127.0.0.1", port: int = 8080,
                   artifacts: str | None = None) -> int:
-    """Serve optuna-dashboard until Ctrl-C; prints the URL first."""
+    """Serve optuna-dashboard until Ctrl-C; writes the address to ``out`` first."""
     from optuna_dashboard import wsgi
 
     storage = open_storage(url, heartbeat=False)
@@ -99,17 +91,12 @@ def run_dashboard(url: str, host: str = "127.0.0.1", port: int = 8080,
         raise RuntimeFailure(f"cannot listen on {host}:{port}: {exc.strerror or exc} (pick "
                              "another --port)") from None
     shown = f"[{host}]" if ":" in host else host
-    print(f"optuna-dashboard for {mask(url)}: http://{shown}:{server.server_port}/dashboard",
-          flush=True)
-    print(f"  saved models from {', '.join(map(str, directories))}", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"  listening on {host}: anyone who can reach this port can read and edit the "
-              "studies", flush=True)
-    print("  Ctrl-C stops it.", flush=True)
+    print(render.dashboard_started(mask(url), f"http://{shown}:{server.server_port}/dashboard",
+                                   [str(d) for d in directories], host), file=out, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("Dashboard stopped.", file=sys.stderr)
+        print("Dashboard stopped.", file=out, flush=True)
     finally:
         server.server_close()
     return 0

@@ -16,7 +16,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 from tuner import attrs
 from tuner.errors import RuntimeFailure, UserError
-from tuner.storage import artifacts_dir
+from tuner.settings import artifacts_dir
 
 
 def export_best_model(study: optuna.Study, path: str | os.PathLike[str],

@@ -1,47 +1,36 @@
-"""Look into studies while they run: ``tuner status``, ``tuner trials``, ``tuner importance``.
+"""The facts behind the read-only verbs: ``status``, ``trials``, ``importance``, ``best``.
 
-``status`` must answer at once even for a study of tens of thousands of trials, so it never
-loads trials: a handful of SQL queries per study (counts with one ``GROUP BY``, the best value
-with one ``ORDER BY ... LIMIT 1``, and the running trials only) on Optuna's own tables. No
-TensorFlow is imported anywhere on these paths.
+Each function returns data (dataclasses and JSON-ready dicts with stable keys);
+:mod:`tuner.render` words them. ``status`` must answer at once even for a study of tens of
+thousands of trials, so it never loads trials: a handful of SQL queries per study
+(:mod:`tuner.optuna_sql`). No TensorFlow is imported anywhere here.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
-import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import optuna
 import sqlalchemy
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner import attrs, optuna_sql
+from tuner import attrs, confirm, optuna_sql
 from tuner import study as studies
-from tuner.budget import Budget, Usage, describe_duration
-from tuner.errors import UserError
+from tuner.budget import Budget, Usage
+from tuner.errors import RuntimeFailure, UserError
 from tuner.spec import StudySpec
-from tuner.storage import mask, open_engine, open_storage, unreachable
+from tuner.storage import unreachable
 
-STATES = ("running", "complete", "pruned", "failed", "waiting")
 _STATE_NAMES = {"running": "RUNNING", "complete": "COMPLETE", "pruned": "PRUNED",
                 "failed": "FAIL", "waiting": "WAITING"}
 EDGE_FRACTION = 0.05
-_OPTIONAL_COLUMNS = ("test_loss", "test_accuracy", "confirms", "fail_reason")
-_LONG_COLUMNS = ("train_loss", "best_epoch", "started_at", "ended_at")  # in csv and json only
 
 
 # ---------------------------------------------------------------------------- status
-
-
-def to_json(value: Any) -> str:
-    """The same JSON style as ``tuner best --json`` (without importing the worker)."""
-    return json.dumps(value, indent=2, sort_keys=True, default=str)
 
 
 @dataclass(frozen=True)
@@ -76,9 +65,9 @@ class StudyStatus:
     budget: str = ""  # the budget and what is spent of it, in words
 
 
-def study_status(storage: RDBStorage | SQLStorage, study_id: int, name: str) -> StudyStatus:
+def study_status(engine: sqlalchemy.Engine, study_id: int, name: str) -> StudyStatus:
     """Counts, best so far and running trials of one study, in a few SQL queries."""
-    with storage.engine.connect() as conn:
+    with engine.connect() as conn:
         counts = optuna_sql.count_states(conn, study_id)
         states = {key: counts.get(db, 0) for key, db in _STATE_NAMES.items()}
         spec = optuna_sql.study_attr(conn, study_id, attrs.SPEC)
@@ -91,8 +80,8 @@ def study_status(storage: RDBStorage | SQLStorage, study_id: int, name: str) -> 
         found_at = None if best is None else _found_at(conn, best)
         running = _running(conn, study_id, spec) if states["running"] else []
     n_trials = budget.n_trials
-    left = None if n_trials is None else max(0, n_trials - states["complete"] - states["pruned"])
     usage = Usage.from_counts(counts, epochs or 0)
+    left = None if n_trials is None else max(0, n_trials - usage.finished)
     return StudyStatus(
         study=name, states=states, n_trials=n_trials, left=left,
         best_trial=best["number"] if best else None,
@@ -104,97 +93,19 @@ def study_status(storage: RDBStorage | SQLStorage, study_id: int, name: str) -> 
     )
 
 
-class SQLStorage:
-    """Just an engine on Optuna's tables: all ``status`` needs (see :func:`open_engine`)."""
-
-    def __init__(self, url: str) -> None:
-        self.engine = open_engine(url)
-        self.url = url
-
-
-def all_status(storage: RDBStorage | SQLStorage, name: str | None = None
-               ) -> list[StudyStatus]:
-    """Status of every study in the storage (or of ``name``: unknown is a user error)."""
-    query = "SELECT study_id, study_name FROM studies"
-    params: dict[str, Any] = {}
-    if name is not None:
-        query += " WHERE study_name = :name"
-        params["name"] = name
+def all_status(engine: sqlalchemy.Engine, name: str | None = None) -> list[StudyStatus]:
+    """Status of every study in the database (or of ``name``: unknown is a user error)."""
     try:
-        with storage.engine.connect() as conn:
-            rows = conn.execute(sqlalchemy.text(query + " ORDER BY study_id"), params).all()
+        with engine.connect() as conn:
+            found = optuna_sql.studies(conn, name)
+            known = [n for _, n in optuna_sql.studies(conn)] if name and not found else []
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as exc:
-        if not _no_table(exc):
-            raise unreachable(storage.engine.url.render_as_string(hide_password=False),
-                              exc) from None
-        rows = []  # a database nothing has run in yet: no Optuna tables
-    if name is not None and not rows:
-        full = storage if isinstance(storage, RDBStorage) else open_storage(
-            storage.engine.url.render_as_string(hide_password=False), heartbeat=False)
-        raise UserError(studies.unknown_study_message(name, full))
-    return [study_status(storage, sid, sname) for sid, sname in rows]
-
-
-def status_command(url: str, study: str | None, as_json: bool = False) -> int:
-    """``tuner status``: print every study's (or one study's) state; exit code."""
-    storage = SQLStorage(url)
-    try:
-        found = all_status(storage, study)
-    finally:
-        storage.engine.dispose()
-    if as_json:
-        print(to_json({"storage": mask(url), "studies": [_status_dict(s) for s in found]}))
-    elif not found:
-        print(f"No studies in {mask(url)} yet: start one with `tuner run STUDY.toml`.")
-    else:
-        print("\n\n".join(format_status(s) for s in found))
-    return 0
-
-
-def _no_table(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return "no such table" in text or ("relation" in text and "does not exist" in text)
-
-
-def format_status(s: StudyStatus, now: dt.datetime | None = None) -> str:
-    """A study's status as a few aligned lines."""
-    now = now or _utcnow()
-    if s.n_trials is not None and s.epoch_budget is None and s.time_budget is None:
-        budget = f"{s.n_trials} trials budget, {s.left} left"
-    elif s.budget:
-        budget = f"budget {s.budget}"
-    else:
-        budget = "no budget recorded"
-    lines = [
-        f"Study {s.study!r}: {budget}",
-        "  trials   " + ", ".join(f"{s.states[k]} {k}" for k in STATES),
-    ]
-    if s.best_value is None:
-        lines.append("  best     - (no completed trial yet)")
-    else:
-        found = dt.datetime.fromisoformat(s.best_found_at) if s.best_found_at else None
-        when = (f", found {found.astimezone().strftime('%Y-%m-%d %H:%M:%S')} "
-                f"({_ago((now - found).total_seconds())} ago)") if found else ""
-        lines.append(f"  best     val_loss {s.best_value:.4f} (trial #{s.best_trial}){when}")
-    if s.running:
-        rows = [["trial", "host", "gpu", "epoch", "epoch ended", "running", "heartbeat"]]
-        for r in s.running:
-            epoch = "-" if r.epoch is None else str(r.epoch)
-            if r.max_epochs is not None:
-                epoch += f"/{r.max_epochs}"
-            rows.append([f"#{r.trial}", r.host or "-", r.gpu or "-", epoch,
-                         "-" if r.last_epoch_age_s is None else f"{_ago(r.last_epoch_age_s)} ago",
-                         "-" if r.running_s is None else _ago(r.running_s),
-                         "none yet" if r.heartbeat_age_s is None
-                         else f"{_ago(r.heartbeat_age_s)} ago"])
-        table = _align(rows).splitlines()
-        lines.append("  running  " + table[0])
-        lines.extend("           " + row for row in table[1:])
-    return "\n".join(lines)
-
-
-def _status_dict(s: StudyStatus) -> dict[str, Any]:
-    return asdict(s)
+        if not optuna_sql.is_missing_table(exc):
+            raise unreachable(engine.url.render_as_string(hide_password=False), exc) from None
+        found, known = [], []  # a database nothing has run in yet: no Optuna tables
+    if name is not None and not found:
+        raise UserError(studies.unknown_study_message(name, known))
+    return [study_status(engine, sid, sname) for sid, sname in found]
 
 
 def _running(conn: sqlalchemy.Connection, study_id: int, spec: Any) -> list[RunningTrial]:
@@ -204,7 +115,7 @@ def _running(conn: sqlalchemy.Connection, study_id: int, spec: Any) -> list[Runn
     worker's time zone never shows; heartbeat ages use the database's clock, which writes them.
     """
     keys = (attrs.HOST, attrs.GPU, attrs.STARTED_AT, attrs.CURVE)
-    now = _utcnow().timestamp()
+    now = dt.datetime.now(dt.UTC).timestamp()
     max_epochs = spec.get("model", {}).get("epochs") if isinstance(spec, dict) else None
     running = []
     for row in optuna_sql.running_trials(conn, study_id, keys):
@@ -234,14 +145,6 @@ def _found_at(conn: sqlalchemy.Connection, best: dict[str, Any]) -> str | None:
         return at.isoformat()
     complete = best["datetime_complete"]
     return None if complete is None else complete.replace(tzinfo=dt.UTC).isoformat()
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _ago(seconds: float) -> str:
-    return describe_duration(max(0, round(seconds)))
 
 
 # ---------------------------------------------------------------------------- trials
@@ -310,61 +213,10 @@ def _iso(value: dt.datetime) -> str:
     return value.isoformat(timespec="seconds")
 
 
-def format_trials(rows: list[dict[str, Any]], fmt: str) -> str:
-    """``table`` (aligned), ``csv`` (header row) or ``json`` (a list of objects)."""
-    if fmt == "json":
-        return json.dumps(rows, indent=2)
-    if not rows:
-        return "" if fmt == "csv" else "(no trials yet)"
-    keys = list(rows[0])
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-        return out.getvalue().rstrip("\n")
-    for key in _OPTIONAL_COLUMNS:  # the table leaves out columns with nothing in them
-        if all(r[key] is None for r in rows):
-            keys.remove(key)
-    for key in _LONG_COLUMNS:
-        keys.remove(key)
-    table = [keys] + [[_cell(k, r[k]) for k in keys] for r in rows]
-    return _align(table, right={i for i, k in enumerate(keys)
-                                if k not in ("state", "host", "fail_reason")})
-
-
-def trials_command(url: str, name: str, fmt: str = "table") -> int:
-    """``tuner trials``: every trial of a study as a table, CSV or JSON."""
-    study, spec = studies.load(name, open_storage(url, heartbeat=False))
-    print(format_trials(trial_rows(study, spec), fmt))
-    return 0
-
-
-def _cell(key: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    if key == "seconds":
-        return f"{value:.1f}"
-    if isinstance(value, float):
-        if key in ("val_loss", "val_accuracy", "gap"):
-            return f"{value:.4f}"
-        return f"{value:.3g}" if value != 0 and abs(value) < 1e-3 else f"{value:.4f}"
-    return str(value)
-
-
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _align(rows: list[list[str]], right: set[int] | None = None) -> str:
-    right = right or set()
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                  for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
-        for r in rows)
 
 
 # ---------------------------------------------------------------------------- importance
@@ -461,43 +313,59 @@ def importance_report(study: optuna.Study) -> dict[str, Any]:
     }
 
 
-def format_importance(report: dict[str, Any]) -> str:
-    lines = []
-    if report["importances"] is None:
-        lines.append(f"Parameter importances: {report['note']}")
-    else:
-        lines.append(f"Parameter importances of study {report['study']!r} "
-                     f"(fANOVA over {report['complete_trials']} completed trials)")
-        width = max(len(k) for k in report["importances"]) if report["importances"] else 0
-        for name, value in report["importances"].items():
-            bar = "#" * int(round(value * 30))
-            lines.append(f"  {name:<{width}}  {value:5.2f}  {bar}")
-    if report["best_trial"] is None:
-        lines.append("No completed trial yet: nothing to say about the search ranges.")
-        return "\n".join(lines)
-    lines.append(f"Best trial #{report['best_trial']}: where each value sits in its range "
-                 "(0% = low edge, 100% = high edge)")
-    rows = []
-    for p in report["ranges"]:
-        scale = " log" if p["log"] else ""
-        rows.append([p["param"], _num(p["value"]), f"[{_num(p['low'])}, {_num(p['high'])}]"
-                     f"{scale}", f"{100 * p['position']:.0f}%", p["advice"] or "ok"])
-    if rows:
-        lines.extend("  " + row for row in _align(rows, right={1, 3}).splitlines())
-    return "\n".join(lines)
+# ---------------------------------------------------------------------------- best
 
 
-def importance_command(url: str, name: str, as_json: bool = False) -> int:
-    """``tuner importance``: which knob mattered, and which ranges to widen."""
-    study, _ = studies.load(name, open_storage(url, heartbeat=False))
-    report = importance_report(study)
-    print(to_json(report) if as_json else format_importance(report))
-    return 0
+def best_summary(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
+    """The best trial as a stable, JSON-ready dict (the shape ``tuner best --json`` prints).
+
+    Validation chooses; test figures (when the data has a test split) are reported beside it,
+    with the median test loss of the completed trials, so a winner that only got lucky on the
+    validation split shows. ``confirmed`` ranks the configurations of a confirm step.
+    """
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise RuntimeFailure(f"study {study.study_name!r} has no completed trial yet; "
+                             "wait for a worker to finish one (see `tuner status`)") from None
+    a = best.user_attrs
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    tests = [t.user_attrs[attrs.TEST_LOSS] for t in complete if attrs.TEST_LOSS in t.user_attrs]
+    test_median = statistics.median(tests) if tests else None
+    test_loss = a.get(attrs.TEST_LOSS)
+    return {
+        "study": study.study_name,
+        "trial": best.number,
+        "val_loss": best.value,
+        "val_accuracy": a.get(attrs.VAL_ACCURACY),
+        "train_loss": a.get(attrs.TRAIN_LOSS),
+        "train_loss_training_mode": a.get(attrs.TRAIN_LOSS_TRAINING_MODE),
+        "gap": a.get(attrs.GAP),
+        "test_loss": test_loss,
+        "test_accuracy": a.get(attrs.TEST_ACCURACY),
+        "test_loss_median_of_completed": test_median,
+        "test_worse_than_median": (None if test_loss is None or len(tests) < 3
+                                   else test_loss > test_median),
+        "best_epoch": a.get(attrs.BEST_EPOCH),
+        "epochs_run": a.get(attrs.EPOCHS_RUN),
+        "max_epochs": spec.model.epochs,
+        "params": dict(best.params),
+        "keras_val_loss": a.get(attrs.KERAS_VAL_LOSS),
+        "host": a.get(attrs.HOST),
+        "gpu": a.get(attrs.GPU),
+        "seconds": a.get(attrs.SECONDS),
+        "model_artifact": a.get(attrs.MODEL_ARTIFACT),
+        "confirmed": _confirmed(study),
+    }
 
 
-def _num(value: float) -> str:
-    if value == 0:
-        return "0"
-    if abs(value) < 1e-2 or abs(value) >= 1e4:
-        return f"{value:.3g}"
-    return f"{value:.3f}".rstrip("0").rstrip(".")
+def _confirmed(study: optuna.Study) -> dict[str, Any] | None:
+    configs = confirm.ranking(study)
+    if configs is None:
+        return None
+    request = study.user_attrs[attrs.CONFIRM]
+    ranked = [c for c in configs if c.val_losses]
+    return {"top": request["top"], "seeds": request["seeds"],
+            "pending": sum(c.pending for c in configs),
+            "winner": ranked[0].as_dict() if ranked else None,
+            "configs": [c.as_dict() for c in configs]}

@@ -21,6 +21,30 @@ def state_name(state: Any) -> str:
     return state.name if hasattr(state, "name") else str(state)
 
 
+def studies(conn: sqlalchemy.Connection, name: str | None = None) -> list[tuple[int, str]]:
+    """``(study_id, study_name)`` of every study (or of the one called ``name``)."""
+    query = "SELECT study_id, study_name FROM studies"
+    params: dict[str, Any] = {}
+    if name is not None:
+        query += " WHERE study_name = :name"
+        params["name"] = name
+    return [(i, n) for i, n in conn.execute(_text(query + " ORDER BY study_id"), params)]
+
+
+def is_missing_table(exc: Exception) -> bool:
+    """Whether a query failed because Optuna's tables are not there (nothing ran here yet)."""
+    text = str(exc).lower()
+    return "no such table" in text or ("relation" in text and "does not exist" in text)
+
+
+def study_attr_everywhere(conn: sqlalchemy.Connection, key: str) -> list[Any]:
+    """One user attribute of every study that has it, oldest study first."""
+    rows = conn.execute(_text(
+        "SELECT a.value_json FROM study_user_attributes a JOIN studies s "
+        "ON s.study_id = a.study_id WHERE a.key = :key ORDER BY s.study_id"), {"key": key})
+    return [json.loads(value) for (value,) in rows]
+
+
 def count_states(conn: sqlalchemy.Connection, study_id: int) -> dict[str, int]:
     """Trials per state name with one ``GROUP BY`` (no trial rows are loaded)."""
     rows = conn.execute(_text("SELECT state, COUNT(*) FROM trials WHERE study_id = :sid "

@@ -17,7 +17,8 @@ from typing import Any
 from tuner.errors import UserError
 
 SAMPLERS = ("tpe", "random", "qmc")
-PRUNERS = ("median", "hyperband", "successive-halving", "none")
+PRUNERS = ("median", "trend", "percentile", "patient", "hyperband", "successive-halving",
+           "none")
 FAMILIES = ("mlp", "cnn")
 KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 AUGMENT_TRANSFORMS = ("rotation", "translation", "zoom", "contrast")

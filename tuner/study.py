@@ -8,7 +8,6 @@ every process (Optuna does not store them).
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import replace
 
 import optuna
@@ -16,12 +15,14 @@ from optuna.storages import RDBStorage
 
 from tuner import attrs
 from tuner.errors import UserError
+from tuner.pruning import make_pruner
 from tuner.spec import BUDGET_FIELDS, StudySpec
 
 
 def create_or_resume(spec: StudySpec, storage: RDBStorage,
                      artifacts: str | None = None) -> tuple[optuna.Study, bool]:
-    """Create the study, or resume it if it exists with the same search; returns (study, new).
+    """Create the study, or resume it if it exists with the same search; returns (study, new),
+    the study with the spec's sampler and pruner.
 
     A changed budget (``n_trials``, ``epoch_budget``, ``time_budget``, ``trial_timeout``) is
     taken as the new budget, and running workers obey it at their next claim; any other change
@@ -34,12 +35,14 @@ def create_or_resume(spec: StudySpec, storage: RDBStorage,
         if replace(existing, **budget) != spec:
             raise UserError(f"study {spec.name!r} already exists with a different study file; "
                             "give the study a new [study] name to start afresh")
-        study = optuna.load_study(study_name=spec.name, storage=storage)
+        study = optuna.load_study(study_name=spec.name, storage=storage,
+                                  sampler=make_sampler(spec), pruner=make_pruner(spec))
         if existing != spec:
             study.set_user_attr(attrs.SPEC, spec.to_dict())
         return study, False
     study = optuna.create_study(study_name=spec.name, storage=storage, direction="minimize",
-                                load_if_exists=True)
+                                load_if_exists=True, sampler=make_sampler(spec),
+                                pruner=make_pruner(spec))
     study.set_user_attr(attrs.SPEC, spec.to_dict())
     if artifacts:
         study.set_user_attr(attrs.ARTIFACTS, artifacts)
@@ -50,14 +53,15 @@ def load(name: str, storage: RDBStorage) -> tuple[optuna.Study, StudySpec]:
     """The study and its spec, or a :class:`UserError` that lists the known studies."""
     spec = _stored_spec(storage, name)
     if spec is None:
-        raise UserError(unknown_study_message(name, storage))
+        raise UserError(unknown_study_message(
+            name, [s.study_name for s in storage.get_all_studies()]))
     study = optuna.load_study(study_name=name, storage=storage,
                               sampler=make_sampler(spec), pruner=make_pruner(spec))
     return study, spec
 
 
-def unknown_study_message(name: str, storage: RDBStorage) -> str:
-    names = [s.study_name for s in storage.get_all_studies()]
+def unknown_study_message(name: str, names: list[str]) -> str:
+    """Which study the user may have meant, among ``names``."""
     hint = difflib.get_close_matches(name, names, n=1)
     if hint:
         return f"unknown study {name!r}: did you mean {hint[0]!r}?"
@@ -75,38 +79,6 @@ def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseS
     startup = max(3, min(10, (spec.n_trials or 40) // 4))
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
                                       constant_liar=True)
-
-
-def warmup_epochs(spec: StudySpec) -> int:
-    """Epochs every trial trains before a pruner may stop it.
-
-    ``[study] pruner_warmup``, else a quarter of ``[model] epochs`` (at least 2): strongly
-    regularized models (heavy L2, dropout or augmentation) learn more slowly at first, and a
-    pruner that stops slow starters biases the search against the very knobs it tunes.
-    """
-    if spec.pruner_warmup is not None:
-        return min(spec.pruner_warmup, spec.model.epochs - 1)
-    return max(0, min(max(2, math.ceil(spec.model.epochs / 4)), spec.model.epochs - 1))
-
-
-def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    """The study's pruner; no trial is stopped before it trained :func:`warmup_epochs` + 1.
-
-    tuner reports epoch ``e`` as step ``e`` (1-based, as the dashboard shows it), and Optuna
-    may prune from step ``n_warmup_steps`` on; hence ``warm-up + 1``. A warm-up of 2 prunes
-    after 3 epochs at the earliest, as ``n_warmup_steps=2`` does in a plain Optuna script with
-    ``KerasPruningCallback`` (which counts epochs from 0).
-    """
-    first = warmup_epochs(spec) + 1  # the first epoch at whose end a trial may be stopped
-    if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=first)
-    if spec.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first,
-                                              max_resource=spec.model.epochs,
-                                              reduction_factor=3)
-    if spec.pruner == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
-    return optuna.pruners.NopPruner()
 
 
 def _stored_spec(storage: RDBStorage, name: str) -> StudySpec | None:

@@ -3,9 +3,10 @@
 The parent never imports TensorFlow and holds no database connection while its children
 work: it finds the GPUs (``nvidia-smi -L`` or an existing ``CUDA_VISIBLE_DEVICES``), plans the
 children (:func:`plan_children`, a pure function), and starts each as
-``python -m tuner.supervisor --child ...`` with ``CUDA_VISIBLE_DEVICES`` set to its GPU alone.
-The storage URL travels in the child's environment (``TUNER_STORAGE``), never on a command
-line, so the password never shows in ``ps``.
+``python -m tuner.supervisor --child LABEL`` with ``CUDA_VISIBLE_DEVICES`` set to its GPU alone.
+Everything else a child needs travels in its environment, never on a command line (so the
+password never shows in ``ps``): the storage URL in ``TUNER_STORAGE`` and the rest as one
+JSON object in ``TUNER_CHILD`` (:class:`ChildConfig`).
 
 A child that dies abnormally (killed, crashed) is started again after a pause that doubles up
 to a cap (:func:`next_step`); its trial is failed and retried by whichever worker looks next.
@@ -18,7 +19,7 @@ back and exits, and the parent exits 0.
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import re
 import shutil
@@ -29,16 +30,19 @@ import sys
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TextIO
 
-from tuner.errors import RuntimeFailure, TunerError, UserError
+from tuner import render
+from tuner.errors import ExitCode, RuntimeFailure, TunerError, UserError
 
 MAX_RESTARTS = 5
 STABLE_SECONDS = 600.0  # a child that ran this long before dying starts a fresh restart count
 STOP_GRACE_SECONDS = 20.0  # after a stop request, children still alive this long are killed
-EXIT_DONE, EXIT_STOPPED, EXIT_CRASHED = 0, 3, 70
+EXIT_DONE, EXIT_STOPPED, EXIT_CRASHED = ExitCode.OK, ExitCode.CHILD_STOPPED, \
+    ExitCode.CHILD_CRASHED
 _DEVICE = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9A-Za-z/-]+)$")
 
 
@@ -95,7 +99,7 @@ def next_step(returncode: int, restarts: int, uptime: float, stopping: bool
     """
     if returncode == EXIT_DONE or stopping:
         return "done", 0.0
-    if returncode in (EXIT_STOPPED, 1, 2):
+    if returncode in (EXIT_STOPPED, ExitCode.FAILURE, ExitCode.USER_ERROR):
         return "stopped", 0.0
     if uptime >= STABLE_SECONDS:
         restarts = 0
@@ -117,27 +121,50 @@ class _Child:
     report: Path = field(default_factory=Path)
 
 
-def run_worker_command(url: str, study: str, *, gpus: str = "all", trials_per_gpu: int = 1,
-                       n_trials: int | None = None, timeout: float | None = None,
-                       artifacts: str | None = None) -> int:
+@dataclass(frozen=True)
+class ChildConfig:
+    """What one child process is told, through ``$TUNER_CHILD`` (JSON)."""
+
+    study: str
+    label: str
+    seed_offset: int = 0
+    n_trials: int | None = None
+    timeout: float | None = None
+    artifacts: str | None = None
+    report: str | None = None  # a file for the child's last word, if it stops with a message
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> ChildConfig:
+        return cls(**json.loads(os.environ["TUNER_CHILD"]))
+
+
+def run_worker_command(url: str, study: str, out: TextIO, *, gpus: str = "all",
+                       trials_per_gpu: int = 1, n_trials: int | None = None,
+                       timeout: float | None = None, artifacts: str | None = None) -> int:
     """Check the study, start the children, supervise them until all are done; exit code."""
     _check_study(url, study)
     devices = parse_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     slots = plan_children(devices, trials_per_gpu)
-    host = socket.gethostname()
-    print(f"Worker on {host} (pid {os.getpid()}): study {study!r}, {len(slots)} process"
-          f"{'es' if len(slots) > 1 else ''} on "
-          f"{', '.join(s.label for s in slots)}", flush=True)
+    say(out, render.worker_started(socket.gethostname(), os.getpid(), study,
+                                   [s.label for s in slots]))
     with tempfile.TemporaryDirectory(prefix="tuner-worker-") as tmp:
-        supervisor = _Supervisor(url, study, slots, Path(tmp), n_trials=n_trials,
+        supervisor = _Supervisor(url, study, slots, Path(tmp), out, n_trials=n_trials,
                                  timeout=timeout, artifacts=artifacts)
         return supervisor.run()
 
 
+def say(out: TextIO, line: str) -> None:
+    """One line now: the parent's and children's lines interleave in one terminal or log."""
+    print(line, file=out, flush=True)
+
+
 class _Supervisor:
-    def __init__(self, url: str, study: str, slots: list[Slot], tmp: Path, *,
+    def __init__(self, url: str, study: str, slots: list[Slot], tmp: Path, out: TextIO, *,
                  n_trials: int | None, timeout: float | None, artifacts: str | None) -> None:
-        self.url, self.study, self.tmp = url, study, tmp
+        self.url, self.study, self.tmp, self.out = url, study, tmp, out
         self.n_trials, self.timeout, self.artifacts = n_trials, timeout, artifacts
         self.children = [_Child(s, report=tmp / f"child-{s.index}.txt") for s in slots]
         self.stopping: str | None = None
@@ -164,7 +191,7 @@ class _Supervisor:
         if self.stopping is None:
             self.stopping = name
             self.stop_deadline = time.monotonic() + STOP_GRACE_SECONDS
-            print(f"Received {name}: the running trials are given back, stopping", flush=True)
+            say(self.out, render.worker_stopping(name))
             self._send(signal.SIGTERM)
         else:
             self._send(signal.SIGKILL)  # asked twice: do not wait (trials retried via heartbeat)
@@ -200,13 +227,13 @@ class _Supervisor:
                 child.restarts = 0 if uptime >= STABLE_SECONDS else child.restarts
                 child.restarts += 1
                 child.proc, child.restart_at = None, now + pause
-                print(f"{label} process {_describe_exit(rc)}; restarting in {pause:g}s "
-                      f"(restart {child.restarts} of {MAX_RESTARTS})", flush=True)
+                say(self.out, f"{label} process {_describe_exit(rc)}; restarting in {pause:g}s "
+                              f"(restart {child.restarts} of {MAX_RESTARTS})")
             elif action == "give-up":
                 child.outcome = "failed"
                 child.message = (f"{label} process {_describe_exit(rc)} {MAX_RESTARTS + 1} "
                                  "times in a row; not restarting it")
-                print(child.message, flush=True)
+                say(self.out, child.message)
             elif action == "stopped":
                 child.outcome = "failed"
                 child.message = f"{label} {_read(child.report) or 'stopped: ' + _describe_exit(rc)}"
@@ -216,33 +243,29 @@ class _Supervisor:
     def _start(self, child: _Child) -> None:
         slot = child.slot
         child.incarnation += 1
+        config = ChildConfig(study=self.study, label=slot.label,
+                             seed_offset=self.salt * 1000 + slot.index * 50 + child.incarnation,
+                             n_trials=self.n_trials, timeout=self.timeout,
+                             artifacts=self.artifacts, report=str(child.report))
         env = {**os.environ, "TUNER_STORAGE": self.url, "CUDA_VISIBLE_DEVICES": slot.device,
                "PYTHONUNBUFFERED": "1", "TF_FORCE_GPU_ALLOW_GROWTH": "true",
-               "TUNER_CHILD_REPORT": str(child.report)}
-        seed_offset = self.salt * 1000 + slot.index * 50 + child.incarnation
-        args = [sys.executable, "-m", "tuner.supervisor", "--child", "--study", self.study,
-                "--label", slot.label, "--seed-offset", str(seed_offset)]
-        if self.n_trials is not None:
-            args += ["--n-trials", str(self.n_trials)]
-        if self.timeout is not None:
-            args += ["--timeout", f"{self.timeout:g}"]
-        if self.artifacts:
-            args += ["--artifacts", self.artifacts]
+               "TUNER_CHILD": config.to_env()}
         child.report.unlink(missing_ok=True)
-        child.proc = subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)
+        child.proc = subprocess.Popen(
+            [sys.executable, "-m", "tuner.supervisor", "--child", slot.label], env=env,
+            stdout=_fd(self.out), stderr=None, preexec_fn=_die_with_parent)
         child.started, child.restart_at = time.monotonic(), None
-        print(f"[{slot.label}] started process {child.proc.pid}", flush=True)
+        say(self.out, f"[{slot.label}] started process {child.proc.pid}")
 
     def _finish(self) -> int:
         if self.stopping:
-            print("Stopped: the running trials were given back; start the worker again to "
-                  "resume.", flush=True)
-            return 0
+            say(self.out, render.worker_stopped())
+            return ExitCode.OK
         failed = [c.message for c in self.children if c.outcome == "failed"]
         if failed:
             raise RuntimeFailure("; ".join(failed))
-        print("Done: every process of this worker has finished.", flush=True)
-        return 0
+        say(self.out, render.worker_done())
+        return ExitCode.OK
 
 
 def _check_study(url: str, study: str) -> None:
@@ -299,30 +322,21 @@ def _read(path: Path) -> str:
 
 def child_main(argv: list[str] | None = None) -> int:
     """One worker loop on the device the parent chose; exit codes per :func:`next_step`."""
-    parser = argparse.ArgumentParser(prog="tuner worker (child)")
-    parser.add_argument("--child", action="store_true")
-    parser.add_argument("--study", required=True)
-    parser.add_argument("--label", required=True)
-    parser.add_argument("--seed-offset", type=int, default=0)
-    parser.add_argument("--n-trials", type=int)
-    parser.add_argument("--timeout", type=float)
-    parser.add_argument("--artifacts")
-    args = parser.parse_args(argv)
-    prefix = f"[{args.label}]"
+    config = ChildConfig.from_env()
+    prefix = f"[{config.label}]"
     _quiet(prefix)
-    report = os.environ.get("TUNER_CHILD_REPORT")
     from tuner.worker import Interrupted
 
     try:
         with _early_interrupts():
-            return _child_work(args, prefix)
+            return _child_work(config, prefix)
     except Interrupted:
-        print(f"{prefix} stopped; its running trial (if any) was given back", flush=True)
+        say(sys.stdout, f"{prefix} stopped; its running trial (if any) was given back")
         return EXIT_DONE
     except TunerError as exc:
         print(f"tuner: error: {prefix} {exc}", file=sys.stderr, flush=True)
-        if report:
-            Path(report).write_text(str(exc), encoding="utf-8")
+        if config.report:
+            Path(config.report).write_text(str(exc), encoding="utf-8")
         return EXIT_STOPPED
     except Exception as exc:  # noqa: BLE001 - a crash: the parent restarts this process
         import traceback
@@ -333,28 +347,23 @@ def child_main(argv: list[str] | None = None) -> int:
         return EXIT_CRASHED
 
 
-def _child_work(args: argparse.Namespace, prefix: str) -> int:
-    from tuner.report import format_outcome
-    from tuner.storage import open_storage, resolve_url
+def _child_work(config: ChildConfig, prefix: str) -> int:
+    from tuner import study as studies
+    from tuner.settings import storage_url
+    from tuner.storage import open_storage
     from tuner.worker import work
 
-    storage = open_storage(resolve_url())
-    epochs = _epochs(storage, args.study)
-    print(f"{prefix} process {os.getpid()} working on study {args.study!r}", flush=True)
-    summary = work(storage, args.study, n_trials=args.n_trials, timeout=args.timeout,
-                   artifacts=args.artifacts, seed_offset=args.seed_offset, hung_exit=EXIT_CRASHED,
-                   progress=lambda o: print(f"{prefix} {format_outcome(o, epochs)}",
-                                            flush=True),
-                   notice=lambda line: print(f"{prefix} {line}", flush=True))
-    print(f"{prefix} done after {summary.trials_run} trial"
-          f"{'' if summary.trials_run == 1 else 's'}: {summary.stopped_because}", flush=True)
+    storage = open_storage(storage_url())
+    study, spec = studies.load(config.study, storage)
+    out = sys.stdout
+    say(out, f"{prefix} process {os.getpid()} working on study {config.study!r}")
+    summary = work(storage, study, spec, n_trials=config.n_trials, timeout=config.timeout,
+                   artifacts=config.artifacts, seed_offset=config.seed_offset,
+                   hung_exit=EXIT_CRASHED,
+                   progress=lambda o: say(out, f"{prefix} {render.outcome(o, spec.model.epochs)}"),
+                   notice=lambda line: say(out, f"{prefix} {line}"))
+    say(out, f"{prefix} {render.worker_child_done(summary.trials_run, summary.stopped_because)}")
     return EXIT_DONE
-
-
-def _epochs(storage: object, study: str) -> int:
-    from tuner import study as studies
-
-    return studies.load(study, storage)[1].model.epochs  # type: ignore[arg-type]
 
 
 class _early_interrupts:  # noqa: N801 - a context manager
@@ -378,19 +387,20 @@ class _early_interrupts:  # noqa: N801 - a context manager
 
 def _quiet(prefix: str) -> None:
     import logging
-    import warnings
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tuner.settings import quiet_libraries
+
     logging.basicConfig(level=logging.WARNING, format=f"tuner: {prefix} %(message)s")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notes mean nothing here
-    warnings.filterwarnings("ignore", module=r"optuna(\..*)?$")
-    warnings.filterwarnings("ignore", message=r".*Heartbeat of storage.*")
-    warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed.*")
-    warnings.filterwarnings("ignore", message=r".*is experimental.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    import optuna
+    quiet_libraries()
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+def _fd(out: TextIO) -> int | None:
+    """A child writes straight to the parent's output when it is a real file (a terminal, a
+    log); into a stream that is not (a test's buffer), its lines go to the process' own."""
+    try:
+        return out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 if __name__ == "__main__":

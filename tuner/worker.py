@@ -28,9 +28,11 @@ from optuna.trial import TrialState
 
 from tuner import attrs
 from tuner import study as studies
-from tuner.budget import Claimed, Claimer, describe_duration, grace_period
+from tuner.budget import Claimed, Claimer, grace_period
 from tuner.errors import RuntimeFailure
-from tuner.storage import artifacts_dir
+from tuner.render import duration
+from tuner.settings import artifacts_dir
+from tuner.spec import StudySpec
 
 _log = logging.getLogger("tuner.worker")
 MAX_FAILURES_IN_A_ROW = 5
@@ -68,17 +70,18 @@ class Summary:
     stopped_because: str
 
 
-def work(storage: RDBStorage, study_name: str, *, n_trials: int | None = None,
+def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
+         n_trials: int | None = None,
          timeout: float | None = None, artifacts: str | None = None, seed_offset: int = 0,
          progress: Callable[[Outcome], None] | None = None,
          notice: Callable[[str], None] | None = None, hung_exit: int = 1) -> Summary:
-    """Run trials of ``study_name`` until its budget (or this worker's cap) is spent.
+    """Run trials of ``study`` (see :func:`tuner.study.load`) until its budget, or this
+    worker's cap, is spent.
 
     ``progress`` hears of every finished trial, ``notice`` of a worker that starts waiting for
     a free slot. ``hung_exit`` is the exit status of this process if a trial hangs past its
     time limit where no exception reaches it (see :class:`_Heartbeat`).
     """
-    study, spec = studies.load(study_name, storage)
     claimer = Claimer(study, storage)
     usage = claimer.state()[0]
     # A seeded study stays reproducible, but a second `tuner run` must not draw the same
@@ -275,7 +278,7 @@ class _TimeLimit:
 
 
 def _timed_out_reason(seconds: float | None) -> str:
-    return f"TrialTimedOut: trained longer than trial_timeout = {describe_duration(seconds or 0)}"
+    return f"TrialTimedOut: trained longer than trial_timeout = {duration(seconds or 0)}"
 
 
 class _interrupts_raise:  # noqa: N801 - used as a context manager like contextlib helpers

@@ -1,0 +1,322 @@
+"""Every line and JSON object a user sees, in one place.
+
+The commands gather facts (:mod:`tuner.inspect`, :mod:`tuner.worker`, ...) and hand them here
+to be worded; nothing here touches a database or TensorFlow. Numbers are written by
+:func:`number` alone, tables by :func:`align` alone, JSON by :func:`to_json` alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tuner.confirm import Queued
+    from tuner.inspect import StudyStatus
+    from tuner.worker import Outcome
+
+STATES = ("running", "complete", "pruned", "failed", "waiting")
+_LOSSES = ("val_loss", "val_accuracy", "gap", "train_loss", "test_loss", "test_accuracy")
+_OPTIONAL_COLUMNS = ("test_loss", "test_accuracy", "confirms", "fail_reason")
+_LONG_COLUMNS = ("train_loss", "best_epoch", "started_at", "ended_at")  # in csv and json only
+
+
+# --- the pieces --------------------------------------------------------------------------------
+
+
+def to_json(value: Any) -> str:
+    """Indented, keys sorted: stable for scripts and diffs."""
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+def number(value: float | None, places: int = 4) -> str:
+    """``-`` for nothing; 3 significant digits for very small or large values (a learning rate,
+    an L2 strength); else ``places`` decimals."""
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3 or abs(value) >= 1e4:
+        return f"{value:.3g}"
+    return f"{value:.{places}f}"
+
+
+def duration(seconds: float) -> str:
+    """``90s``, ``30m``, ``8h`` as a study file writes them; ``41s``, ``4m 10s``, ``2h 05m``
+    for ages and running times."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    whole = int(round(seconds))
+    if whole < 60:
+        return f"{whole}s" if seconds >= 1 else f"{seconds:g}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d {whole % 86400 // 3600:02d}h"
+
+
+def align(rows: list[list[str]], right: set[int] | None = None) -> str:
+    """Columns padded to their widest cell; columns in ``right`` aligned right."""
+    right = right or set()
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                  for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+        for r in rows)
+
+
+# --- run, create, worker -----------------------------------------------------------------------
+
+
+def study_created(name: str, url: str, budget: str, sampler: str, pruner: str) -> str:
+    return f"Created study {name!r} in {url} ({budget}, sampler {sampler}, pruner {pruner})"
+
+
+def study_exists(name: str, url: str, progress: str, resuming: bool) -> str:
+    return f"Study {name!r} exists in {url}: {progress}" + (", resuming" if resuming else "")
+
+
+def start_workers(name: str) -> str:
+    return f"Start workers with: tuner worker --study {name} --storage URL --gpus all"
+
+
+def outcome(o: Outcome, epochs: int) -> str:
+    """One progress line per finished trial."""
+    run = f"{o.epochs_run:>3}/{epochs}" if o.epochs_run is not None else f"  -/{epochs}"
+    value = number(o.value) if o.value is not None else "   -  "
+    best = f"{number(o.best_value)} (#{o.best_number})" if o.best_value is not None else "-"
+    line = (f"trial {o.number:>4}  {o.state:<8}  epochs {run}  val_loss {value}  "
+            f"best {best}  {o.seconds:5.1f}s")
+    return f"{line}  {o.reason}" if o.reason else line
+
+
+def worker_started(host: str, pid: int, study: str, labels: list[str]) -> str:
+    return (f"Worker on {host} (pid {pid}): study {study!r}, {len(labels)} process"
+            f"{'es' if len(labels) > 1 else ''} on {', '.join(labels)}")
+
+
+def worker_stopping(signal_name: str) -> str:
+    return f"Received {signal_name}: the running trials are given back, stopping"
+
+
+def worker_stopped() -> str:
+    return "Stopped: the running trials were given back; start the worker again to resume."
+
+
+def worker_done() -> str:
+    return "Done: every process of this worker has finished."
+
+
+def worker_child_done(trials_run: int, stopped_because: str) -> str:
+    return f"done after {trials_run} trial{'' if trials_run == 1 else 's'}: {stopped_because}"
+
+
+def waiting() -> str:
+    return ("waiting: every trial left in the budget is running, and one may still be given "
+            "back (Ctrl-C stops waiting)")
+
+
+def run_done(stopped_because: str) -> str:
+    return f"Done: {stopped_because}."
+
+
+def run_interrupted() -> str:
+    return "Interrupted: the running trial was given back; run the same command to resume."
+
+
+def confirm_queued(study: str, q: Queued) -> str:
+    configs = ", ".join(f"#{n}" for n in q.configs)
+    seeds = f"{q.seeds} new seed{'s' if q.seeds > 1 else ''} each"
+    if not q.new:
+        return (f"Study {study!r} was already confirmed: {q.trials} runs of trials {configs} "
+                f"were queued before ({q.seeds} seeds each); `tuner best` ranks them.")
+    return (f"Queued {q.trials} runs in study {study!r}: the top {len(q.configs)} "
+            f"configurations (trials {configs}), {seeds}. The study's budget grew by "
+            f"{q.trials}; workers run them next (start one with `tuner worker --study {study}` "
+            "if none is running), then `tuner best` ranks them.")
+
+
+# --- best --------------------------------------------------------------------------------------
+
+
+def best(summary: dict[str, Any]) -> str:
+    """``tuner best``: the winner, its losses, test figures beside validation, its knobs."""
+    s = summary
+    lines = [
+        f"Best trial of study {s['study']!r}: #{s['trial']}",
+        f"  val_loss       {number(s['val_loss'])}   validation cross-entropy, no L2 penalty",
+        f"  val_accuracy   {number(s['val_accuracy'])}",
+        f"  train_loss     {number(s['train_loss'])}   the same, on training data "
+        "(no dropout, no augmentation)",
+        f"  gap            {number(s['gap'])}   val_loss - train_loss at the best epoch",
+    ]
+    if s["test_loss"] is not None:
+        lines += [f"  test_loss      {number(s['test_loss'])}   on the test split, never used "
+                  "to choose",
+                  f"  test_accuracy  {number(s['test_accuracy'])}"]
+    lines += [f"  best epoch     {s['best_epoch']} of {s['epochs_run']} run "
+              f"(max {s['max_epochs']})", "  parameters"]
+    lines += [f"    {name:<22} {_param(value)}" for name, value in s["params"].items()]
+    if not s["params"]:
+        lines.append("    (none: every knob is fixed in the study file)")
+    if s["test_worse_than_median"]:
+        lines.append(f"Note: its test loss {number(s['test_loss'])} is worse than the median "
+                     f"completed trial's ({number(s['test_loss_median_of_completed'])}): its "
+                     "low validation loss is partly luck. `tuner confirm` retrains the best "
+                     "configurations with new seeds.")
+    if s.get("confirmed"):
+        lines += ["", _confirmed(s["confirmed"])]
+    return "\n".join(lines)
+
+
+def exported(path: str) -> str:
+    return f"Exported the best-epoch model to {path}"
+
+
+def _confirmed(c: dict[str, Any]) -> str:
+    seeds = f"{c['seeds']} new seed{'s' if c['seeds'] > 1 else ''}"
+    pending = f" ({c['pending']} runs still to finish)" if c["pending"] else ""
+    rows = [["config", "runs", "val_loss mean ± std", "test_loss mean", "trials"]]
+    for config in c["configs"]:
+        spread = (f"{number(config['val_loss_mean'])} ± {number(config['val_loss_std'])}"
+                  if config["runs"] else "-")
+        rows.append([f"#{config['trial']}", str(len(config["runs"])), spread,
+                     number(config["test_loss_mean"]), ", ".join(map(str, config["runs"]))])
+    lines = [f"Confirm step: the top {c['top']} configurations, each retrained with "
+             f"{seeds}{pending}"]
+    lines += ["  " + row for row in align(rows).splitlines()]
+    winner = c["winner"]
+    if winner is not None:
+        lines.append(f"Confirmed winner: the configuration of trial #{winner['trial']}, "
+                     f"val_loss {number(winner['val_loss_mean'])} ± "
+                     f"{number(winner['val_loss_std'])} over {len(winner['runs'])} runs")
+    return "\n".join(lines)
+
+
+def _param(value: Any) -> str:
+    return number(value) if isinstance(value, float) else str(value)
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+def no_studies(url: str) -> str:
+    return f"No studies in {url} yet: start one with `tuner run STUDY.toml`."
+
+
+def status(s: StudyStatus, now: dt.datetime | None = None) -> str:
+    """A study's status as a few aligned lines."""
+    now = now or dt.datetime.now(dt.UTC)
+    if s.n_trials is not None and s.epoch_budget is None and s.time_budget is None:
+        budget = f"{s.n_trials} trials budget, {s.left} left"
+    elif s.budget:
+        budget = f"budget {s.budget}"
+    else:
+        budget = "no budget recorded"
+    lines = [f"Study {s.study!r}: {budget}",
+             "  trials   " + ", ".join(f"{s.states[k]} {k}" for k in STATES)]
+    if s.best_value is None:
+        lines.append("  best     - (no completed trial yet)")
+    else:
+        found = dt.datetime.fromisoformat(s.best_found_at) if s.best_found_at else None
+        when = (f", found {found.astimezone().strftime('%Y-%m-%d %H:%M:%S')} "
+                f"({duration((now - found).total_seconds())} ago)") if found else ""
+        lines.append(f"  best     val_loss {number(s.best_value)} (trial #{s.best_trial}){when}")
+    if s.running:
+        rows = [["trial", "host", "gpu", "epoch", "epoch ended", "running", "heartbeat"]]
+        for r in s.running:
+            epoch = "-" if r.epoch is None else str(r.epoch)
+            if r.max_epochs is not None:
+                epoch += f"/{r.max_epochs}"
+            rows.append([f"#{r.trial}", r.host or "-", r.gpu or "-", epoch,
+                         "-" if r.last_epoch_age_s is None
+                         else f"{duration(r.last_epoch_age_s)} ago",
+                         "-" if r.running_s is None else duration(r.running_s),
+                         "none yet" if r.heartbeat_age_s is None
+                         else f"{duration(r.heartbeat_age_s)} ago"])
+        table = align(rows).splitlines()
+        lines.append("  running  " + table[0])
+        lines.extend("           " + row for row in table[1:])
+    return "\n".join(lines)
+
+
+# --- trials ------------------------------------------------------------------------------------
+
+
+def trials(rows: list[dict[str, Any]], fmt: str) -> str:
+    """``table`` (aligned), ``csv`` (header row) or ``json`` (a list of objects)."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if not rows:
+        return "" if fmt == "csv" else "(no trials yet)"
+    keys = list(rows[0])
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+        return out.getvalue().rstrip("\n")
+    for key in _OPTIONAL_COLUMNS:  # the table leaves out columns with nothing in them
+        if all(r[key] is None for r in rows):
+            keys.remove(key)
+    for key in _LONG_COLUMNS:
+        keys.remove(key)
+    table = [keys] + [[_cell(k, r[k]) for k in keys] for r in rows]
+    return align(table, right={i for i, k in enumerate(keys)
+                               if k not in ("state", "host", "fail_reason")})
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "seconds":
+        return f"{value:.1f}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if key in _LOSSES else number(value)
+    return str(value)
+
+
+# --- importance --------------------------------------------------------------------------------
+
+
+def importance(report: dict[str, Any]) -> str:
+    """Which knob mattered, then where the best trial sits in each range."""
+    lines = []
+    if report["importances"] is None:
+        lines.append(f"Parameter importances: {report['note']}")
+    else:
+        lines.append(f"Parameter importances of study {report['study']!r} "
+                     f"(fANOVA over {report['complete_trials']} completed trials)")
+        width = max(len(k) for k in report["importances"]) if report["importances"] else 0
+        for name, value in report["importances"].items():
+            lines.append(f"  {name:<{width}}  {value:5.2f}  {'#' * int(round(value * 30))}")
+    if report["best_trial"] is None:
+        lines.append("No completed trial yet: nothing to say about the search ranges.")
+        return "\n".join(lines)
+    lines.append(f"Best trial #{report['best_trial']}: where each value sits in its range "
+                 "(0% = low edge, 100% = high edge)")
+    rows = [[p["param"], number(p["value"], 3),
+             f"[{number(p['low'], 3)}, {number(p['high'], 3)}]{' log' if p['log'] else ''}",
+             f"{100 * p['position']:.0f}%", p["advice"] or "ok"] for p in report["ranges"]]
+    if rows:
+        lines.extend("  " + row for row in align(rows, right={1, 3}).splitlines())
+    return "\n".join(lines)
+
+
+# --- dashboard ---------------------------------------------------------------------------------
+
+
+def dashboard_started(url: str, address: str, directories: list[str], host: str) -> str:
+    lines = [f"optuna-dashboard for {url}: {address}",
+             f"  saved models from {', '.join(directories)}"]
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        lines.append(f"  listening on {host}: anyone who can reach this port can read and edit "
+                     "the studies")
+    lines.append("  Ctrl-C stops it.")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Every setting that comes from the environment, and which source wins.
+
+=====================================  ==========================================================
+setting                                precedence (first given wins)
+=====================================  ==========================================================
+storage URL                            ``--storage``, ``$TUNER_STORAGE``, ``sqlite:///tuner.db``;
+                                       password from ``--storage-password-file``,
+                                       ``$TUNER_STORAGE_PASSWORD_FILE``, the URL or ``$PGPASSWORD``
+artifact directory (saved models)      ``--artifacts``, ``$TUNER_ARTIFACTS``, the directory the
+                                       study recorded when created, beside a SQLite file, else
+                                       ``./tuner-artifacts``
+heartbeat interval / grace period      ``$TUNER_HEARTBEAT_INTERVAL`` (10 s),
+                                       ``$TUNER_GRACE_PERIOD`` (30 s)
+database retries                       ``$TUNER_DB_RETRY_SECONDS`` (300 s)
+=====================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tuner.errors import UserError
+from tuner.urls import parse_url, with_password
+
+DEFAULT_STORAGE = "sqlite:///tuner.db"
+DEFAULT_ARTIFACTS = "tuner-artifacts"
+
+
+def storage_url(flag: str | None = None, password_file: str | None = None) -> str:
+    """The storage URL, its password filled in from a file if one is named."""
+    url = flag or os.environ.get("TUNER_STORAGE") or DEFAULT_STORAGE
+    password_file = password_file or os.environ.get("TUNER_STORAGE_PASSWORD_FILE")
+    if password_file:
+        try:
+            password = Path(password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UserError(f"--storage-password-file: cannot read {password_file} "
+                            f"({exc.strerror})") from None
+        url = with_password(url, password)
+    return url
+
+
+def artifacts_dir(flag: str | None = None, recorded: str | None = None,
+                  url: str | None = None) -> Path:
+    """Where saved models live (see the module docstring for the order)."""
+    chosen = flag or os.environ.get("TUNER_ARTIFACTS") or recorded
+    if chosen:
+        return Path(chosen).expanduser()
+    if url is not None:
+        parsed = parse_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "",
+                                                                             ":memory:"):
+            return Path(parsed.database).resolve().parent / DEFAULT_ARTIFACTS
+    return Path.cwd() / DEFAULT_ARTIFACTS
+
+
+def heartbeat_interval() -> int:
+    return _seconds("TUNER_HEARTBEAT_INTERVAL", 10)
+
+
+def grace_period() -> int:
+    return _seconds("TUNER_GRACE_PERIOD", 30)
+
+
+def db_retry_seconds() -> int:
+    """How long storage calls keep retrying an unreachable database."""
+    return _seconds("TUNER_DB_RETRY_SECONDS", 300)
+
+
+def quiet_libraries() -> None:
+    """Library chatter that means nothing to a user: TensorFlow's C++ log, experimental-API
+    and deprecation warnings of Optuna, Keras' note on ``shuffle``; Optuna's INFO lines."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"optuna(\..*)?$")
+    warnings.filterwarnings("ignore", message=r".*Heartbeat of storage.*")
+    warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed.*")
+    warnings.filterwarnings("ignore", message=r".*is experimental.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _seconds(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise UserError(f"${name}: expected a whole number of seconds, got {value!r}") from None
