@@ -67,7 +67,7 @@ def main() -> None:
     from tuner.budget import Claimer
     from tuner.spec import load_spec
     from tuner.storage import open_storage
-    from tuner.worker import artifact_store
+    from tuner.worker import SqlRecorder, artifact_store
     stamps["imports"] = time.time()
 
     from tuner.tfsetup import init_tensorflow
@@ -93,22 +93,26 @@ def main() -> None:
     stamps["data"] = time.time()
 
     sql.phase = "claim"
-    trial = Claimer(study, storage).claim().trial
+    claimed = Claimer(study, storage).claim()
+    trial = claimed.trial
     stamps["claim"] = time.time()
 
     # The last per-epoch report marks the end of fit; what follows is recording + artifact.
     epoch_ends: list[float] = []
     at_last_report: dict[str, float] = {}
-    report = trial.report
+    # As the worker runs it (the probe's study never prunes): attributes in one transaction.
+    recorder = SqlRecorder(trial, storage, claimed.trial_id)
+    record_epoch = recorder.epoch
 
-    def timed_report(value: float, step: int) -> None:
-        report(value, step)
+    def timed_epoch(step: int, value: float, curve: dict) -> None:
+        record_epoch(step, value, curve)
         epoch_ends.append(time.time())
         at_last_report.update(count=sql.count.get("fit", 0), seconds=sql.seconds.get("fit", 0))
 
-    trial.report = timed_report  # type: ignore[method-assign]
+    recorder.epoch = timed_epoch  # type: ignore[method-assign]
     sql.phase = "fit"
-    result = run_trial(trial, spec, arrays, datasets, store)
+    result = run_trial(trial, spec, arrays, datasets, store, prune_from=None,
+                       recorder=recorder)
     stamps["fit"] = epoch_ends[-1]
     stamps["after_fit"] = time.time()
     sql.count["after_fit"] = sql.count.pop("fit") - int(at_last_report["count"])
@@ -139,7 +143,7 @@ def _warm(args) -> None:  # noqa: ANN001
     from tuner.spec import load_spec
     from tuner.storage import open_storage
     from tuner.tfsetup import init_tensorflow
-    from tuner.worker import artifact_store
+    from tuner.worker import SqlRecorder, artifact_store
 
     init_tensorflow()
     from tuner.data import load_arrays, make_datasets
@@ -158,20 +162,22 @@ def _warm(args) -> None:  # noqa: ANN001
     def bare() -> float:
         t = time.perf_counter()
         keras.utils.set_random_seed(spec.seed or 0)
-        model = build_model(hp, spec, seed=spec.seed)
+        model = build_model(hp, spec, seed=spec.seed, scale=arrays.scale)
         model.fit(datasets[0], validation_data=datasets[1], epochs=spec.model.epochs,
                   verbose=0)
         took = time.perf_counter() - t
         del model
-        keras.backend.clear_session()
+        keras.backend.clear_session(free_memory=False)  # as tuner does between trials
         return took
 
     claimer = Claimer(study, storage)
 
     def trial() -> float:
         t = time.perf_counter()
-        tr = claimer.claim().trial
-        result = run_trial(tr, spec, arrays, datasets, store)
+        claimed = claimer.claim()
+        tr = claimed.trial
+        result = run_trial(tr, spec, arrays, datasets, store, prune_from=None,
+                           recorder=SqlRecorder(tr, storage, claimed.trial_id))
         study.tell(tr, result.val_loss)
         return time.perf_counter() - t
 

@@ -199,10 +199,10 @@ class Claimer:
     def state(self) -> tuple[Usage, Budget]:
         """The study's usage and budget now, read in one connection."""
         with self.storage.engine.connect() as conn:
-            spec = optuna_sql.study_attr(conn, self.study_id, attrs.SPEC) or {}
-            budget = Budget.from_spec(
-                spec, optuna_sql.study_attr(conn, self.study_id, attrs.CLOCK_STARTED),
-                optuna_sql.study_attr(conn, self.study_id, attrs.CONFIRM))
+            found = optuna_sql.study_attrs(conn, self.study_id,
+                                           (attrs.SPEC, attrs.CLOCK_STARTED, attrs.CONFIRM))
+            budget = Budget.from_spec(found.get(attrs.SPEC) or {},
+                                      found.get(attrs.CLOCK_STARTED), found.get(attrs.CONFIRM))
             epochs = (optuna_sql.epochs_reported(conn, self.study_id)
                       if budget.epochs is not None else 0)
             usage = Usage.from_counts(optuna_sql.count_states(conn, self.study_id), epochs)

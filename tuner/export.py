@@ -35,6 +35,10 @@ def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
         raise UserError(f"--export-model {path}: the file name must end in .keras (Keras "
                         "reads the format from the extension)")
     artifact_id = best.user_attrs.get(attrs.MODEL_ARTIFACT)
+    if not artifact_id and (study.user_attrs.get(attrs.SPEC) or {}).get("keep_models") == 0:
+        raise UserError(f"study {study.study_name!r} keeps no models ([study] keep_models = 0):"
+                        " set keep_models to 1 or more in the study file, run `tuner create` "
+                        "with it, and the next trials that reach the best keep theirs")
     if not artifact_id:
         raise RuntimeFailure(f"best trial #{best.number} of study {study.study_name!r} has no "
                              "saved model (it finished without an artifact store)")

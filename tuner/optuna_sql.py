@@ -1,9 +1,14 @@
 """Every query tuner runs on Optuna's own tables, in one place.
 
 Optuna's storage API loads whole trials; a budget check, ``tuner status`` on 10,000 trials or
-a sweep for dead workers needs a count or a few ids. These read-only queries use the
-``studies``, ``trials``, ``trial_heartbeats``, ``trial_intermediate_values`` and
+a sweep for dead workers needs a count or a few ids. These queries use the ``studies``,
+``trials``, ``trial_values``, ``trial_heartbeats``, ``trial_intermediate_values`` and
 ``*_attributes`` tables of Optuna's schema (stable since Optuna 3) and nothing else.
+
+Two write, where Optuna's API takes a transaction per value or refuses a finished trial: a
+trial's attributes together (:func:`set_trial_user_attrs`, an upsert keyed as Optuna's unique
+constraint is), and forgetting a deleted model (:func:`forget_model`, as optuna-dashboard's own
+delete does). They write exactly the rows Optuna writes.
 """
 
 from __future__ import annotations
@@ -65,6 +70,16 @@ def study_attr(conn: sqlalchemy.Connection, study_id: int, key: str) -> Any:
         "SELECT value_json FROM study_user_attributes WHERE study_id = :sid AND key = :key"),
         {"sid": study_id, "key": key}).first()
     return json.loads(row[0]) if row else None
+
+
+def study_attrs(conn: sqlalchemy.Connection, study_id: int, keys: tuple[str, ...]
+                ) -> dict[str, Any]:
+    """Several study user attributes in one query (absent ones are left out)."""
+    rows = conn.execute(_text(
+        "SELECT key, value_json FROM study_user_attributes WHERE study_id = :sid "
+        "AND key IN :keys").bindparams(sqlalchemy.bindparam("keys", expanding=True)),
+        {"sid": study_id, "keys": list(keys)}).all()
+    return {key: json.loads(value) for key, value in rows}
 
 
 def running_without_heartbeat(conn: sqlalchemy.Connection, study_id: int) -> list[int]:
@@ -144,3 +159,48 @@ def trial_attrs(conn: sqlalchemy.Connection, trial_id: int, keys: tuple[str, ...
         "AND key IN :keys").bindparams(sqlalchemy.bindparam("keys", expanding=True)),
         {"tid": trial_id, "keys": list(keys)}).all()
     return {key: json.loads(value) for key, value in rows}
+
+
+def set_trial_user_attrs(conn: sqlalchemy.Connection, trial_id: int,
+                         values: dict[str, Any]) -> None:
+    """Several user attributes of one trial in one statement."""
+    conn.execute(_text(
+        "INSERT INTO trial_user_attributes (trial_id, key, value_json) "
+        "VALUES (:tid, :key, :value) ON CONFLICT (trial_id, key) "
+        "DO UPDATE SET value_json = excluded.value_json"),
+        [{"tid": trial_id, "key": key, "value": json.dumps(value)}
+         for key, value in values.items()])
+
+
+def kept_models(conn: sqlalchemy.Connection, study_id: int, key: str
+                ) -> list[tuple[int, int, float, str]]:
+    """``(trial_id, number, value, artifact_id)`` of each COMPLETE trial whose user attribute
+    ``key`` names a saved model, best value first."""
+    rows = conn.execute(_text(
+        "SELECT t.trial_id, t.number, v.value, a.value_json FROM trials t "
+        "JOIN trial_values v ON v.trial_id = t.trial_id AND v.objective = 0 "
+        "JOIN trial_user_attributes a ON a.trial_id = t.trial_id AND a.key = :key "
+        "WHERE t.study_id = :sid AND t.state = 'COMPLETE' AND a.value_json <> 'null' "
+        "ORDER BY v.value, t.number"), {"sid": study_id, "key": key}).all()
+    return [(tid, number, value, json.loads(artifact)) for tid, number, value, artifact in rows]
+
+
+def system_attr_trials(conn: sqlalchemy.Connection, study_id: int, key: str) -> set[int]:
+    """Ids of the study's trials that carry the system attribute ``key``."""
+    return {row[0] for row in conn.execute(_text(
+        "SELECT t.trial_id FROM trials t JOIN trial_system_attributes a "
+        "ON a.trial_id = t.trial_id WHERE t.study_id = :sid AND a.key = :key"),
+        {"sid": study_id, "key": key})}
+
+
+def forget_model(conn: sqlalchemy.Connection, trial_id: int, key: str,
+                 artifact_id: str) -> None:
+    """Clear a deleted model from its (finished) trial: the user attribute ``key`` and
+    Optuna's artifact record both become null, as optuna-dashboard's own delete does."""
+    conn.execute(_text(
+        "UPDATE trial_user_attributes SET value_json = 'null' "
+        "WHERE trial_id = :tid AND key = :key"), {"tid": trial_id, "key": key})
+    conn.execute(_text(
+        "UPDATE trial_system_attributes SET value_json = 'null' "
+        "WHERE trial_id = :tid AND key = :key"),
+        {"tid": trial_id, "key": f"artifacts:{artifact_id}"})

@@ -26,7 +26,8 @@ _USER_FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-BUDGET_FIELDS = ("n_trials", "epoch_budget", "time_budget", "trial_timeout")
+# What may change when a study is resumed: the budgets, and settings that shape no search.
+CHANGEABLE_FIELDS = ("n_trials", "epoch_budget", "time_budget", "trial_timeout", "keep_models")
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class StudySpec:
     time_budget: float | None = None  # seconds from the first trial; no trial starts after
     trial_timeout: float | None = None  # seconds one trial may train before it is failed
     pruner_warmup: int | None = None  # epochs before pruning; None: a quarter of the epochs
+    keep_models: int | None = 5  # models of the best K trials are kept; None: every one
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict, the form stored in the study."""
@@ -114,6 +116,7 @@ class StudySpec:
             time_budget=raw.get("time_budget"),
             trial_timeout=raw.get("trial_timeout"),
             pruner_warmup=raw.get("pruner_warmup"),
+            keep_models=raw.get("keep_models", 5),
             data=DataSpec(**{**raw["data"], "image_size": tuple(raw["data"]["image_size"])}),
             model=ModelSpec(**raw["model"]),
             search=SearchSpec(
@@ -153,7 +156,8 @@ def parse_spec(raw: dict[str, Any], where: str = "<study>") -> StudySpec:
     model = p.table(raw, "model")
     search = p.table(raw, "search")
     p.only_keys(study, "study", {"name", "n_trials", "epoch_budget", "time_budget",
-                                 "trial_timeout", "sampler", "pruner", "pruner_warmup", "seed"})
+                                 "trial_timeout", "sampler", "pruner", "pruner_warmup",
+                                 "keep_models", "seed"})
     p.only_keys(data, "data", {"source", "validation_split", "test_split", "image_size",
                                "limit"})
     p.only_keys(model, "model", {"family", "epochs", "batch_size", "patience", "learning_rate"})
@@ -179,6 +183,7 @@ def parse_spec(raw: dict[str, Any], where: str = "<study>") -> StudySpec:
         time_budget=time_budget,
         trial_timeout=p.duration(study, "study", "trial_timeout"),
         pruner_warmup=p.integer(study, "study", "pruner_warmup", None, minimum=0),
+        keep_models=_keep_models(p, study),
         sampler=p.choice(study, "study", "sampler", "tpe", SAMPLERS),
         pruner=p.choice(study, "study", "pruner", "median", PRUNERS),
         seed=p.integer(study, "study", "seed", None, minimum=0),
@@ -200,6 +205,16 @@ def parse_spec(raw: dict[str, Any], where: str = "<study>") -> StudySpec:
         ),
         search=_parse_search(p, search, family),
     )
+
+
+def _keep_models(p: _Parser, study: dict[str, Any]) -> int | None:
+    value = study.get("keep_models", 5)
+    if value == "all":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        p.fail("study", "keep_models", f"expected a whole number of models to keep (0 keeps "
+               f"none) or \"all\", got {value!r}")
+    return value
 
 
 def _test_split(p: _Parser, data: dict[str, Any]) -> float:

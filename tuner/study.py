@@ -16,7 +16,7 @@ from optuna.storages import RDBStorage
 from tuner import attrs
 from tuner.errors import UserError
 from tuner.pruning import make_pruner
-from tuner.spec import BUDGET_FIELDS, StudySpec
+from tuner.spec import CHANGEABLE_FIELDS, StudySpec
 
 
 def create_or_resume(spec: StudySpec, storage: RDBStorage,
@@ -24,14 +24,15 @@ def create_or_resume(spec: StudySpec, storage: RDBStorage,
     """Create the study, or resume it if it exists with the same search; returns (study, new),
     the study with the spec's sampler and pruner.
 
-    A changed budget (``n_trials``, ``epoch_budget``, ``time_budget``, ``trial_timeout``) is
-    taken as the new budget, and running workers obey it at their next claim; any other change
+    A changed budget (``n_trials``, ``epoch_budget``, ``time_budget``, ``trial_timeout``) or
+    ``keep_models`` is taken as the new setting, and running workers obey it at their next
+    claim (budgets) or trial (``keep_models``, read when a worker starts); any other change
     is a user error, since mixing two search spaces in one study would corrupt the sampler's
     history.
     """
     existing = _stored_spec(storage, spec.name)
     if existing is not None:
-        budget = {field: getattr(spec, field) for field in BUDGET_FIELDS}
+        budget = {field: getattr(spec, field) for field in CHANGEABLE_FIELDS}
         if replace(existing, **budget) != spec:
             raise UserError(f"study {spec.name!r} already exists with a different study file; "
                             "give the study a new [study] name to start afresh")

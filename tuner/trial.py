@@ -20,8 +20,10 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import keras
 import numpy as np
@@ -96,21 +98,48 @@ def with_shape(hp: Hyperparams, arrays: Arrays) -> Hyperparams:
     return replace(hp, input_shape=arrays.input_shape, num_classes=arrays.num_classes)
 
 
+class Recorder(Protocol):
+    """How a trial's figures reach the study (see :class:`OptunaRecorder`)."""
+
+    def attrs(self, values: dict[str, Any]) -> None:
+        """Write several trial attributes."""
+
+    def epoch(self, step: int, value: float, curve: dict[str, list[float]]) -> None:
+        """Report one epoch's objective value and the learning curves so far."""
+
+
+class OptunaRecorder:
+    """Through Optuna's trial API, one call per value: works on every storage."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def attrs(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            self.trial.set_user_attr(key, value)
+
+    def epoch(self, step: int, value: float, curve: dict[str, list[float]]) -> None:
+        self.trial.set_user_attr(attrs.CURVE, curve)
+        self.trial.report(value, step)
+
+
 class _EpochReporter(keras.callbacks.Callback):
     """Reports val xent to Optuna each epoch, stops on NaN, and stops when the pruner says so.
 
     It also keeps the trial's learning curves in the attribute ``curve``, updated every epoch
     (pruned and running trials have theirs too): ``t`` is seconds since the trial started at
-    each epoch's end, ``train_loss`` and ``val_loss`` the cross-entropies.
+    each epoch's end, ``train_loss`` and ``val_loss`` the cross-entropies. The pruner is asked
+    from epoch ``prune_from`` on (``None``: never); before that it could only say no, and each
+    question costs a read of the trial.
     """
 
-    def __init__(self, trial: optuna.Trial, started: float,
-                 train_sample: tuple[np.ndarray, np.ndarray], prunable: bool = True) -> None:
+    def __init__(self, trial: optuna.Trial, recorder: Recorder, started: float,
+                 train_sample: tuple[np.ndarray, np.ndarray], prune_from: int | None) -> None:
         super().__init__()
-        self.trial = trial
+        self.trial, self.recorder = trial, recorder
         self.started = started
         self.train_sample = train_sample
-        self.prunable = prunable
+        self.prune_from = prune_from
         self.history: list[dict[str, float]] = []
         self.curve: dict[str, list[float]] = {"t": [], "train_loss": [], "val_loss": []}
         self.pruned_at: int | None = None
@@ -127,9 +156,9 @@ class _EpochReporter(keras.callbacks.Callback):
         self.curve["t"].append(round(time.perf_counter() - self.started, 2))
         self.curve["train_loss"].append(round(logs[TRAIN_LOSS], 5))
         self.curve["val_loss"].append(round(float(value), 5))
-        self.trial.set_user_attr(attrs.CURVE, self.curve)
-        self.trial.report(float(value), epoch + 1)
-        if self.prunable and self.trial.should_prune():
+        self.recorder.epoch(epoch + 1, float(value), self.curve)
+        if self.prune_from is not None and epoch + 1 >= self.prune_from \
+                and self.trial.should_prune():
             self.pruned_at = epoch + 1
             self.model.stop_training = True
 
@@ -150,25 +179,29 @@ def inference_xent(model: keras.Model, x: np.ndarray, y: np.ndarray,
 
 
 def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Datasets,
-              artifact_store: optuna.artifacts.FileSystemArtifactStore | None = None,
-              prunable: bool = True) -> TrialResult:
+              artifact_store: optuna.artifacts.FileSystemArtifactStore | None = None, *,
+              prune_from: int | None = 1, recorder: Recorder | None = None,
+              keep_model: Callable[[float], bool] | None = None) -> TrialResult:
     """Train one sampled configuration; raises :class:`optuna.TrialPruned` when pruned.
 
     The trial's attributes are written before returning or raising, so pruned trials carry
     them too. A completed trial's best-epoch model is scored on the test split (attributes
-    ``test_loss``, ``test_accuracy``) and uploaded to ``artifact_store``. ``prunable=False``
-    trains to the end whatever the pruner says (the runs of a confirm step).
+    ``test_loss``, ``test_accuracy``) and, if ``keep_model(val_loss)`` says so (by default
+    always), uploaded to ``artifact_store``. ``prune_from``: the first epoch at which the
+    pruner is asked (``None``: never, as for the runs of a confirm step). ``recorder``: how
+    figures are written (default :class:`OptunaRecorder`).
     """
     started = time.perf_counter()
-    trial.set_user_attr(attrs.STARTED_AT, round(time.time(), 3))
-    trial.set_user_attr(attrs.HOST, socket.gethostname())
-    trial.set_user_attr(attrs.GPU, os.environ.get("CUDA_VISIBLE_DEVICES", "") or "cpu")
+    recorder = recorder or OptunaRecorder(trial)
+    recorder.attrs({attrs.STARTED_AT: round(time.time(), 3), attrs.HOST: socket.gethostname(),
+                    attrs.GPU: os.environ.get("CUDA_VISIBLE_DEVICES", "") or "cpu",
+                    attrs.PID: os.getpid()})
     hp = with_shape(sample(trial, spec), arrays)
     seed = None if spec.seed is None else spec.seed + trial.number
     if seed is not None:
         keras.utils.set_random_seed(seed)
     model = build_model(hp, spec, seed=seed, scale=arrays.scale)
-    reporter = _EpochReporter(trial, started, datasets.train_sample, prunable)
+    reporter = _EpochReporter(trial, recorder, started, datasets.train_sample, prune_from)
     stopper = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="min",
                                             patience=spec.model.patience,
                                             restore_best_weights=True)
@@ -190,20 +223,22 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
             pruned_at=reporter.pruned_at,
             seconds=time.perf_counter() - started,
         )
-        for key, value in result.attrs().items():
-            trial.set_user_attr(key, value)
+        figures = result.attrs()
+        if result.pruned_at is None and datasets.test is not None:
+            # the best epoch's weights, restored by EarlyStopping
+            test = model.evaluate(datasets.test, verbose=0, return_dict=True)
+            figures.update({attrs.TEST_LOSS: float(test["xent"]),
+                            attrs.TEST_ACCURACY: float(test["accuracy"])})
+        recorder.attrs(figures)
         if result.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned at epoch {result.pruned_at}")
-        if datasets.test is not None:  # the best epoch's weights, restored by EarlyStopping
-            test = model.evaluate(datasets.test, verbose=0, return_dict=True)
-            trial.set_user_attr(attrs.TEST_LOSS, float(test["xent"]))
-            trial.set_user_attr(attrs.TEST_ACCURACY, float(test["accuracy"]))
-        if artifact_store is not None:
+        if artifact_store is not None and (keep_model is None or keep_model(result.val_loss)):
             save_model_artifact(model, trial, artifact_store)
         return result
     finally:
         del model
-        keras.backend.clear_session()
+        # No gc.collect here (0.5 s a trial): the worker collects every few trials.
+        keras.backend.clear_session(free_memory=False)
 
 
 def save_model_artifact(model: keras.Model, trial: optuna.Trial,

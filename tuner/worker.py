@@ -11,6 +11,7 @@ worker waits for a free slot stops it at once. A trial that trains longer than t
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -21,21 +22,26 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from tuner import attrs
+from tuner import attrs, optuna_sql
 from tuner import study as studies
 from tuner.budget import Claimed, Claimer, grace_period
 from tuner.errors import RuntimeFailure
+from tuner.pruning import warmup_epochs
 from tuner.render import duration
+from tuner.retention import Retention
 from tuner.settings import artifacts_dir
 from tuner.spec import StudySpec
+from tuner.storage import retry_on_disconnect
 
 _log = logging.getLogger("tuner.worker")
 MAX_FAILURES_IN_A_ROW = 5
+GC_EVERY = 10  # trials between full garbage collections
 
 
 class Interrupted(BaseException):
@@ -100,6 +106,8 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
     arrays = load_arrays(spec.data, seed=spec.seed or 0)
     datasets = make_datasets(arrays, spec.model.batch_size, seed=spec.seed or 0)
     store = artifact_store(study, artifacts)
+    retention = Retention(claimer, store, spec.keep_models)
+    first_prunable = None if spec.pruner == "none" else warmup_epochs(spec) + 1
     started = time.monotonic()
     failures_in_a_row = 0
     ran = 0
@@ -124,7 +132,10 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
             if not isinstance(claimed, Claimed):
                 return Summary(ran, claimed.reason)
             trial = claimed.trial
+            confirming = claimed.confirms is not None  # a confirm run: to the end, model kept
             ran += 1
+            if ran % GC_EVERY == 0:
+                gc.collect()  # Keras' model cycles; once per trial would cost 0.5 s each
             t0 = time.monotonic()
             reason = ""
             limit = _TimeLimit(claimed.timeout)
@@ -132,13 +143,17 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                 try:
                     try:
                         signals.arm()
-                        trial.set_user_attr(attrs.PID, os.getpid())
                         with limit.running():
-                            result = run_trial(trial, spec, arrays, datasets, store,
-                                               prunable=claimed.confirms is None)
+                            result = run_trial(
+                                trial, spec, arrays, datasets, store,
+                                prune_from=None if confirming else first_prunable,
+                                recorder=SqlRecorder(trial, storage, claimed.trial_id),
+                                keep_model=(lambda _: True) if confirming
+                                else retention.qualifies)
                     finally:
                         signals.disarm()
                     frozen = study.tell(trial, result.val_loss)
+                    retention.prune()
                     failures_in_a_row = 0
                 except optuna.TrialPruned:
                     frozen = study.tell(trial, state=TrialState.PRUNED)
@@ -174,6 +189,26 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
             if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
                 raise RuntimeFailure(f"{failures_in_a_row} trials in a row failed, stopping "
                                      f"this worker; last error: {reason}")
+
+
+class SqlRecorder:
+    """A trial's attributes in one transaction per call (``optuna_sql``), where Optuna's API
+    takes one per value; the epoch's value still goes through ``trial.report``, which the
+    pruner reads back from the trial."""
+
+    def __init__(self, trial: optuna.Trial, storage: RDBStorage, trial_id: int) -> None:
+        self.trial, self.storage, self.trial_id = trial, storage, trial_id
+
+    def attrs(self, values: dict[str, Any]) -> None:
+        def write() -> None:
+            with self.storage.engine.begin() as conn:
+                optuna_sql.set_trial_user_attrs(conn, self.trial_id, values)
+
+        retry_on_disconnect(self.storage, write)
+
+    def epoch(self, step: int, value: float, curve: dict[str, list[float]]) -> None:
+        self.trial.report(value, step)
+        self.attrs({attrs.CURVE: curve})
 
 
 def artifact_store(study: optuna.Study, override: str | None

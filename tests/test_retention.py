@@ -1,0 +1,102 @@
+"""Only the best K models are kept: three real workers finishing trials at once on the real
+PostgreSQL, the artifact directory watched all along; export after retention; keep_models 0
+and bad values."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+from conftest import cli, write_study
+from test_faults import Worker, _trials, workers  # noqa: F401
+
+from tuner import attrs, optuna_sql
+
+pytestmark = pytest.mark.slow
+KEEP = 2
+
+
+def _best_model_on_disk(engine: sqlalchemy.Engine, name: str, artifacts: Path) -> bool | None:
+    """Whether the current best trial's model file exists (``None``: no best with a model)."""
+    with engine.connect() as conn:
+        found = optuna_sql.studies(conn, name)
+        if not found:
+            return None
+        best = optuna_sql.best_trial(conn, found[0][0])
+        if best is None:
+            return None
+        artifact = optuna_sql.trial_attrs(conn, best["trial_id"], (attrs.MODEL_ARTIFACT,))
+    artifact_id = artifact.get(attrs.MODEL_ARTIFACT)
+    return None if artifact_id is None else (artifacts / artifact_id).is_file()
+
+
+def test_three_workers_keep_only_the_best_k(tmp_path: Path, pg_url: str,
+                                            workers: list[Worker]) -> None:  # noqa: F811
+    artifacts = tmp_path / "models"
+    study = write_study(tmp_path, "keep", n_trials=14, epochs=2, family="user_models:tiny",
+                        extra_study=f"keep_models = {KEEP}")
+    assert cli("create", str(study), "--storage", pg_url, "--artifacts",
+               str(artifacts)).returncode == 0
+    engine = sqlalchemy.create_engine(pg_url, poolclass=sqlalchemy.pool.NullPool)
+    peak, missing, stop = [0], [], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            files = len(list(artifacts.glob("*"))) if artifacts.is_dir() else 0
+            peak[0] = max(peak[0], files)
+            if _best_model_on_disk(engine, "keep", artifacts) is False:
+                missing.append(time.monotonic())
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    for name in ("a", "b", "c"):
+        workers.append(Worker(tmp_path, name, "--study", "keep", "--gpus", "none",
+                              storage=pg_url))
+    codes = [w.wait() for w in workers]
+    stop.set()
+    watcher.join()
+    engine.dispose()
+    assert codes == [0, 0, 0], [w.stderr for w in workers]
+    assert not missing, "the best trial's model was missing while workers ran"
+    assert peak[0] <= KEEP + 3, f"peak {peak[0]} models > K + workers"
+    complete = sorted((t for t in _trials(pg_url, "keep") if t.state.name == "COMPLETE"),
+                      key=lambda t: t.value)
+    with_model = [t for t in complete if t.user_attrs.get("model_artifact")]
+    assert [t.number for t in with_model] == [t.number for t in complete[:KEEP]]
+    on_disk = sorted(p.name for p in artifacts.iterdir())
+    assert on_disk == sorted(t.user_attrs["model_artifact"] for t in with_model)
+    print(f"\n[keep_models {KEEP}, 3 workers] {len(complete)} complete trials, models at the "
+          f"end {len(on_disk)}, peak {peak[0]}")
+
+    exported = tmp_path / "best.keras"
+    best = cli("best", "--study", "keep", "--storage", pg_url, "--artifacts", str(artifacts),
+               "--json", "--export-model", str(exported))
+    assert best.returncode == 0, best.stderr
+    assert json.loads(best.stdout)["trial"] == complete[0].number
+    assert exported.stat().st_size > 1000
+
+
+def test_keep_models_0_keeps_none_and_export_says_why(tmp_path: Path, pg_url: str) -> None:
+    study = write_study(tmp_path, "none", n_trials=2, epochs=1, extra_study="keep_models = 0")
+    assert cli("run", str(study), "--storage", pg_url, cwd=tmp_path).returncode == 0
+    assert not list((tmp_path / "tuner-artifacts").glob("*"))
+    export = cli("best", "--study", "none", "--storage", pg_url, "--export-model",
+                 str(tmp_path / "m.keras"))
+    assert export.returncode == 2, export.stderr
+    lines = export.stderr.strip().splitlines()
+    assert len(lines) == 1 and "keeps no models ([study] keep_models = 0)" in lines[0]
+
+
+@pytest.mark.parametrize("value", ["-1", '"some"', "1.5", "true"])
+def test_bad_keep_models_is_one_line(tmp_path: Path, value: str) -> None:
+    study = write_study(tmp_path, "bad", extra_study=f"keep_models = {value}")
+    result = cli("create", str(study), "--storage", f"sqlite:///{tmp_path / 'x.db'}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "[study] keep_models" in lines[0] and '"all"' in lines[0]
+    assert not (tmp_path / "x.db").exists()

@@ -1,0 +1,63 @@
+"""Which trained models are kept: the best few, not every trial's.
+
+A CIFAR-sized CNN is several MB; a study of 10,000 trials that kept every model would fill
+tens of GB that nobody loads. ``[study] keep_models = K``: a completed trial's model is saved
+only if it is among the best K at that moment (:meth:`Retention.qualifies`), and models that
+fall out of the best K are deleted from the artifact store and from their trial's record
+(:meth:`Retention.prune`), both under the study's lock. At any moment at most K models of
+finished trials exist, plus one per worker whose trial qualified and is being told, and the
+best trial's model is never deleted (it is always among the best K). The runs of a confirm
+step keep their models outside the K: the confirmed winner is exported from one of them.
+"""
+
+from __future__ import annotations
+
+import optuna
+from optuna.artifacts.exceptions import ArtifactNotFound
+
+from tuner import attrs, optuna_sql
+from tuner.budget import Claimer, budget_lock
+from tuner.storage import retry_on_disconnect
+
+DEFAULT_KEEP = 5
+
+
+class Retention:
+    """The best-K rule for one worker's study. ``keep=None`` keeps every model."""
+
+    def __init__(self, claimer: Claimer, store: optuna.artifacts.FileSystemArtifactStore,
+                 keep: int | None) -> None:
+        self.claimer, self.store, self.keep = claimer, store, keep
+
+    def qualifies(self, value: float) -> bool:
+        """Whether a trial that just reached ``value`` is among the best K."""
+        if self.keep is None:
+            return True
+        if self.keep == 0:
+            return False
+        kept = retry_on_disconnect(self.claimer.storage, self._kept)
+        return len(kept) < self.keep or value < kept[self.keep - 1][2]
+
+    def prune(self) -> int:
+        """Delete the models beyond the best K; how many went."""
+        if self.keep is None:
+            return 0
+        storage = self.claimer.storage
+        with budget_lock(storage, self.claimer.study.study_name):
+            extra = retry_on_disconnect(storage, self._kept)[self.keep:]
+            for trial_id, _, _, artifact_id in extra:
+                try:
+                    self.store.remove(artifact_id)
+                except ArtifactNotFound:
+                    pass  # deleted by hand, or by another worker a moment ago
+                with storage.engine.begin() as conn:
+                    optuna_sql.forget_model(conn, trial_id, attrs.MODEL_ARTIFACT, artifact_id)
+        return len(extra)
+
+    def _kept(self) -> list[tuple[int, int, float, str]]:
+        """The finished trials with a saved model that compete for the K places."""
+        with self.claimer.storage.engine.connect() as conn:
+            kept = optuna_sql.kept_models(conn, self.claimer.study_id, attrs.MODEL_ARTIFACT)
+            confirming = optuna_sql.system_attr_trials(conn, self.claimer.study_id,
+                                                       attrs.CONFIRMS)
+        return [k for k in kept if k[0] not in confirming]
