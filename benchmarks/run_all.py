@@ -25,16 +25,17 @@ from _common import machine, table  # noqa: E402
 
 # bench_status belongs with the inspection verbs; it joins the suite when it exists.
 SCRIPTS = ["bench_overhead", "bench_epochs", "bench_storage", "bench_pruning", "bench_quality",
-           "bench_scaling", "bench_status", "bench_chaos"]
+           "bench_scaling", "bench_status", "bench_chaos", "bench_disk"]
 RESULT_NAMES = {"bench_overhead": "overhead", "bench_epochs": "epochs",
                 "bench_storage": "storage", "bench_pruning": "pruning",
                 "bench_quality": "quality", "bench_scaling": "scaling",
-                "bench_status": "bench_status", "bench_chaos": "chaos"}
+                "bench_status": "bench_status", "bench_chaos": "chaos", "bench_disk": "disk"}
 TITLES = {"overhead": "1. Trial overhead", "epochs": "2. Epoch-start stalls",
           "storage": "3. Storage at scale", "pruning": "4. Pruning savings",
           "quality": "5. Search quality against peers", "scaling": "6. Scaling with workers",
           "bench_status": "7. `tuner status` on a 10,000-trial study",
-          "chaos": "8. Chaos: workers killed at random, the study still finishes"}
+          "chaos": "8. Chaos: workers killed at random, the study still finishes",
+          "disk": "9. Disk: saved models with keep_models"}
 
 
 def main() -> int:
@@ -87,9 +88,10 @@ def main() -> int:
 def _goals(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
     rows = []
     if o := results.get("overhead"):
-        rows.append(("trial overhead", "wall b/a <= 1.05",
-                     f"wall {o['wall_ratio']:.3f}, build+fit {o['fit_ratio']:.3f}",
-                     "met" if o["wall_ratio"] <= 1.05 else "missed"))
+        rows.append(("trial overhead", "warm worker, per trial, b/a <= 1.05",
+                     f"warm {o['warm_ratio']:.3f} (median of {len(o['warm']['tuner'])} pairs); "
+                     f"whole process {o['wall_ratio']:.3f}",
+                     "met" if o["warm_ratio"] <= 1.05 else "missed"))
     if e := results.get("epochs"):
         worst = e["worst_over_median"]
         rows.append(("epoch stalls", "worst epoch after the 1st <= 1.5x median",
@@ -137,6 +139,13 @@ def _goals(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]
                      f"{c['trials_lost']} lost, worst {c['worst_last_trial_to_all_gone_s']:.1f} s",
                      "met" if c["rounds_ok"] == c["rounds"] and not c["trials_lost"]
                      else "missed"))
+    if d := results.get("disk"):
+        p = d["projection"]
+        rows.append(("disk at 10,000 trials", "bounded with the default keep_models",
+                     f"{d['default']['trials']} trials, 2 workers: peak "
+                     f"{d['default']['peak_files']} models; projected {p['keep_all_gb']:.0f} "
+                     f"GB (keep all) vs {p['default_peak_mb']:.0f} MB (keep 5)",
+                     "met" if d["default"]["peak_files"] <= 5 + 2 else "missed"))
     if sc := results.get("scaling"):
         r = sc["runs"]
         rows.append(("scaling 1 → 2 workers", "(no goal) trials/h",

@@ -24,6 +24,7 @@ EXPECTED = {
     "bench_scaling": ("scaling", {"runs", "projection"}),
     "bench_status": ("bench_status", {"results", "goal", "n_trials"}),
     "bench_chaos": ("chaos", {"summary", "rounds"}),
+    "bench_disk": ("disk", {"default", "keep_all", "projection"}),
 }
 COMMON = {"benchmark", "quick", "command", "machine", "tables"}
 

@@ -66,19 +66,27 @@ def epochs_reported(conn: sqlalchemy.Connection, study_id: int) -> int:
 
 def study_attr(conn: sqlalchemy.Connection, study_id: int, key: str) -> Any:
     """One study user attribute, decoded (``None`` if absent)."""
-    row = conn.execute(_text(
-        "SELECT value_json FROM study_user_attributes WHERE study_id = :sid AND key = :key"),
-        {"sid": study_id, "key": key}).first()
-    return json.loads(row[0]) if row else None
+    return study_attrs(conn, study_id, (key,)).get(key)
 
 
 def study_attrs(conn: sqlalchemy.Connection, study_id: int, keys: tuple[str, ...]
                 ) -> dict[str, Any]:
     """Several study user attributes in one query (absent ones are left out)."""
+    return _user_attrs(conn, "study", study_id, keys)
+
+
+def trial_attrs(conn: sqlalchemy.Connection, trial_id: int, keys: tuple[str, ...]
+                ) -> dict[str, Any]:
+    """Several user attributes of one trial in one query (absent ones are left out)."""
+    return _user_attrs(conn, "trial", trial_id, keys)
+
+
+def _user_attrs(conn: sqlalchemy.Connection, owner: str, owner_id: int,
+                keys: tuple[str, ...]) -> dict[str, Any]:
     rows = conn.execute(_text(
-        "SELECT key, value_json FROM study_user_attributes WHERE study_id = :sid "
+        f"SELECT key, value_json FROM {owner}_user_attributes WHERE {owner}_id = :id "
         "AND key IN :keys").bindparams(sqlalchemy.bindparam("keys", expanding=True)),
-        {"sid": study_id, "keys": list(keys)}).all()
+        {"id": owner_id, "keys": list(keys)}).all()
     return {key: json.loads(value) for key, value in rows}
 
 
@@ -149,16 +157,6 @@ def best_trial(conn: sqlalchemy.Connection, study_id: int) -> dict[str, Any] | N
               sqlalchemy.column("datetime_complete", sqlalchemy.DateTime)),
         {"sid": study_id}).first()
     return None if row is None else dict(row._mapping)
-
-
-def trial_attrs(conn: sqlalchemy.Connection, trial_id: int, keys: tuple[str, ...]
-                ) -> dict[str, Any]:
-    """The user attributes ``keys`` of one trial (absent ones are left out)."""
-    rows = conn.execute(_text(
-        "SELECT key, value_json FROM trial_user_attributes WHERE trial_id = :tid "
-        "AND key IN :keys").bindparams(sqlalchemy.bindparam("keys", expanding=True)),
-        {"tid": trial_id, "keys": list(keys)}).all()
-    return {key: json.loads(value) for key, value in rows}
 
 
 def set_trial_user_attrs(conn: sqlalchemy.Connection, trial_id: int,
