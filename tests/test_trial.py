@@ -176,3 +176,37 @@ def test_user_model_function_family(arrays) -> None:
     study = optuna.create_study()
     result = run_trial(study.ask(), spec, arrays, make_datasets(arrays, 64))
     assert np.isfinite(result.val_loss)
+
+
+def test_the_workers_recorder_writes_what_optuna_and_the_pruner_read(arrays, any_url) -> None:
+    """The worker writes an epoch's value and curves in one transaction of its own: Optuna reads
+    them back as intermediate values, a pruner decides on them, and a trial that another worker
+    failed in the meantime is refused as Optuna refuses it."""
+    from tuner.storage import open_storage
+    from tuner.worker import SqlRecorder
+
+    class PruneAtTwo(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            return sorted(trial.intermediate_values) == [1, 2]
+
+    storage = open_storage(any_url)
+    study = optuna.create_study(storage=storage, pruner=PruneAtTwo())
+    trial = study.ask()
+    spec = spec_for({"dropout": 0.1, "l2": 1e-4, "augment": 0}, epochs=4)
+    with pytest.raises(optuna.TrialPruned):
+        run_trial(trial, spec, arrays, make_datasets(arrays, 64),
+                  recorder=SqlRecorder(trial, storage, trial._trial_id))
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    frozen = study.trials[0]
+    curve = frozen.user_attrs["curve"]
+    assert sorted(frozen.intermediate_values) == [1, 2] and frozen.user_attrs["pruned_at"] == 2
+    assert list(frozen.intermediate_values.values()) == pytest.approx(curve["val_loss"], abs=1e-5)
+
+    other = study.ask()
+    recorder = SqlRecorder(other, storage, other._trial_id)
+    recorder.epoch(1, 0.5, {"val_loss": [0.5]})
+    storage.set_trial_state_values(other._trial_id, state=optuna.trial.TrialState.FAIL)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        recorder.epoch(2, 0.4, {"val_loss": [0.5, 0.4]})
+    assert study.trials[1].intermediate_values == {1: 0.5}
+    storage.engine.dispose()

@@ -31,7 +31,7 @@ retried for ever). A trial given back on SIGTERM or Ctrl-C is queued without cou
 that cap: an interrupt is not the trial's fault.
 
 This is the only module that touches Optuna's internals (a study's storage and id, a trial's
-id, the storage's stale-trial query).
+id and cached epochs, the storage's stale-trial query).
 """
 
 from __future__ import annotations
@@ -373,6 +373,12 @@ class Claimer:
         with self.storage.engine.connect() as conn:
             uptime = optuna_sql.server_uptime(conn)
         return uptime is None or uptime >= wait
+
+
+def remember_report(trial: optuna.Trial, step: int, value: float) -> None:
+    """What ``Trial.report`` does once the value is written: the pruner reads a trial's
+    intermediate values from the trial's own copy (``Trial.should_prune``, optuna 5)."""
+    trial._cached_frozen_trial.intermediate_values[step] = value
 
 
 def grace_period(storage: RDBStorage) -> float:

@@ -5,10 +5,12 @@ a sweep for dead workers needs a count or a few ids. These queries use the ``stu
 ``trials``, ``trial_values``, ``trial_heartbeats``, ``trial_intermediate_values`` and
 ``*_attributes`` tables of Optuna's schema (stable since Optuna 3) and nothing else.
 
-Two write, where Optuna's API takes a transaction per value or refuses a finished trial: a
+Three write, where Optuna's API takes a transaction per value or refuses a finished trial: a
 trial's attributes together (:func:`set_trial_user_attrs`, an upsert keyed as Optuna's unique
-constraint is), and forgetting a deleted model (:func:`forget_model`, as optuna-dashboard's own
-delete does). They write exactly the rows Optuna writes.
+constraint is), one epoch's report (:func:`report_epoch`: the intermediate value and the
+curves in one transaction, where ``Trial.report`` and an attribute write take two), and
+forgetting a deleted model (:func:`forget_model`, as optuna-dashboard's own delete does). They
+write exactly the rows Optuna writes.
 """
 
 from __future__ import annotations
@@ -168,6 +170,26 @@ def set_trial_user_attrs(conn: sqlalchemy.Connection, trial_id: int,
         "DO UPDATE SET value_json = excluded.value_json"),
         [{"tid": trial_id, "key": key, "value": json.dumps(value)}
          for key, value in values.items()])
+
+
+def report_epoch(conn: sqlalchemy.Connection, trial_id: int, step: int, value: float,
+                 values: dict[str, Any]) -> bool:
+    """A finite intermediate value at ``step`` and user attributes of a RUNNING trial, as
+    ``Trial.report`` and :func:`set_trial_user_attrs` write them; ``False`` (and nothing
+    written) when the trial is no longer running: another worker judged it dead."""
+    written = conn.execute(_text(
+        "INSERT INTO trial_intermediate_values "
+        "(trial_id, step, intermediate_value, intermediate_value_type) "
+        "SELECT trial_id, :step, :value, 'FINITE' FROM trials "
+        "WHERE trial_id = :tid AND state = 'RUNNING' "
+        "ON CONFLICT (trial_id, step) DO UPDATE SET "
+        "intermediate_value = excluded.intermediate_value, "
+        "intermediate_value_type = excluded.intermediate_value_type"),
+        {"tid": trial_id, "step": step, "value": value}).rowcount
+    if not written:
+        return False
+    set_trial_user_attrs(conn, trial_id, values)
+    return True
 
 
 def kept_models(conn: sqlalchemy.Connection, study_id: int, key: str

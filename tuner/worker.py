@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from tuner import attrs, optuna_sql
 from tuner import study as studies
-from tuner.budget import Claimed, Claimer, grace_period
+from tuner.budget import Claimed, Claimer, grace_period, remember_report
 from tuner.errors import RuntimeFailure
 from tuner.pruning import warmup_epochs
 from tuner.render import duration
@@ -193,8 +193,8 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
 
 class SqlRecorder:
     """A trial's attributes in one transaction per call (``optuna_sql``), where Optuna's API
-    takes one per value; the epoch's value still goes through ``trial.report``, which the
-    pruner reads back from the trial."""
+    takes one per value; an epoch's value and curves in one transaction too, written where
+    ``Trial.report`` writes them, so the pruner reads them back from the trial as usual."""
 
     def __init__(self, trial: optuna.Trial, storage: RDBStorage, trial_id: int) -> None:
         self.trial, self.storage, self.trial_id = trial, storage, trial_id
@@ -207,8 +207,16 @@ class SqlRecorder:
         retry_on_disconnect(self.storage, write)
 
     def epoch(self, step: int, value: float, curve: dict[str, list[float]]) -> None:
-        self.trial.report(value, step)
-        self.attrs({attrs.CURVE: curve})
+        def write() -> bool:
+            with self.storage.engine.begin() as conn:
+                return optuna_sql.report_epoch(conn, self.trial_id, step, value,
+                                               {attrs.CURVE: curve})
+
+        if not retry_on_disconnect(self.storage, write):
+            raise optuna.exceptions.UpdateFinishedTrialError(
+                f"trial #{self.trial.number} is no longer running: another worker judged it "
+                "dead")
+        remember_report(self.trial, step, value)
 
 
 def artifact_store(study: optuna.Study, override: str | None
