@@ -236,7 +236,30 @@ def _strike(worker: _Worker, kind: str, result: RoundResult) -> None:
             os.killpg(worker.pgid, signal.SIGKILL)
             worker.killed_parent = True
         else:
+            catches_sigterm(worker.proc.pid, wait_s=10)
             worker.proc.send_signal(signal.SIGTERM)
     except ProcessLookupError:
         return
     result.kills.append(kind)
+
+
+def catches_sigterm(pid: int, wait_s: float = 0.0) -> bool:
+    """Whether ``pid`` has a SIGTERM handler (its ``SigCgt`` mask), waiting up to ``wait_s``.
+
+    A Python process dies of SIGTERM while the interpreter itself starts (tens of ms, before
+    any of tuner's code runs), as every program does; tuner stops cleanly from its first line
+    of code on. Strikes land from there.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        mask = next(int(line.split()[1], 16) for line in status.splitlines()
+                    if line.startswith("SigCgt:"))
+        if mask >> (signal.SIGTERM - 1) & 1:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)

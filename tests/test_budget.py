@@ -57,8 +57,8 @@ class _Storage(ResilientRDBStorage):
         super().record_heartbeat(trial_id)
 
 
-def _storage(url: str) -> _Storage:
-    return _Storage(url, heartbeat_interval=INTERVAL, grace_period=GRACE,
+def _storage(url: str, grace: float = GRACE) -> _Storage:
+    return _Storage(url, heartbeat_interval=INTERVAL, grace_period=grace,
                     engine_kwargs={"pool_size": 2, "max_overflow": 2})
 
 
@@ -242,6 +242,10 @@ def test_budget_shrunk_and_raised_under_running_workers(pg_url: str) -> None:
 # --- the model-based test ----------------------------------------------------------------------
 
 WORKERS = 3
+# The model's dead workers are dead by decree (their heartbeat is aged an hour), and its clock
+# is simulated; a real grace period this long keeps a live simulated worker from being judged
+# dead because the machine stalled for a few real seconds between two of its beats.
+MODEL_GRACE = 60
 
 
 class ClaimPath(RuleBasedStateMachine):
@@ -256,7 +260,7 @@ class ClaimPath(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.storage = _storage(self.url)
+        self.storage = _storage(self.url, grace=MODEL_GRACE)
         self.now = 1000.0
         self.held: dict[int, tuple[optuna.Trial, int]] = {}
         self.dead: set[int] = set()  # trial ids abandoned by dead workers
@@ -359,7 +363,7 @@ class ClaimPath(RuleBasedStateMachine):
         """Once a grace period has passed, every dead trial is failed and queued again."""
         self.beat()
         self.claimers[w].sweep()  # sees trials that never beat
-        self.now += GRACE
+        self.now += MODEL_GRACE + INTERVAL  # a little past it: sums of floats round
         self.claimers[w].sweep()
         states = {t._trial_id: t for t in self.study.get_trials(deepcopy=False)}
         for trial_id in self.dead:
@@ -406,7 +410,7 @@ class ClaimPath(RuleBasedStateMachine):
                         self.held[w] = (self.claimers[w]._trial(trial_id), trial_id)
             if len(stopped) == WORKERS:
                 break
-            self.now += GRACE  # let dead trials be judged
+            self.now += MODEL_GRACE + INTERVAL  # let dead trials be judged
         else:
             pytest.fail(f"the study never finished: {self.usage()}")
         usage = self.usage()

@@ -120,6 +120,24 @@ def test_signals_reach_a_worker_that_waits_for_a_slot(tmp_path: Path, pg_url: st
     assert busy.wait(60) == 0
 
 
+def test_sigterm_while_a_worker_starts_up_stops_it_cleanly(tmp_path: Path, pg_url: str) -> None:
+    """A scheduler may stop a worker as it starts (a job cancelled at once, a pod evicted): from
+    tuner's first line of code on, SIGTERM ends it with exit 0, one line, and no trial."""
+    from chaos import catches_sigterm
+
+    study = write_study(tmp_path, "early", n_trials=2)
+    assert run_tuner("create", str(study), "--storage", pg_url).returncode == 0
+    for verb in (["worker", "--study", "early", "--gpus", "none"], ["run", str(study)]):
+        proc = subprocess.Popen([*TUNER, *verb, "--storage", pg_url], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert catches_sigterm(proc.pid, wait_s=10), "no SIGTERM handler"
+        proc.send_signal(signal.SIGTERM)  # while SQLAlchemy and the rest still load
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, (verb[0], out, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+    assert _trials(pg_url, "early") == []
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]

@@ -3,17 +3,24 @@ maps errors to exit codes (:class:`tuner.errors.ExitCode`).
 
 Errors a user can cause end as one line on stderr and exit 2; failures of the environment as
 one line and exit 1. Nothing here imports TensorFlow.
+
+SIGTERM before a verb takes charge of signals (while the libraries load, the study is checked,
+the study file is read) stops the command cleanly with exit 0: nothing was started yet, and a
+scheduler that stops a worker as it starts up must not see it die of the signal. That is why
+:func:`main` installs its handler before it imports the commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import TextIO
 
-from tuner import commands
 from tuner.errors import ExitCode, TunerError, UserError
 
 
@@ -46,7 +53,17 @@ def _cap_flags(p: argparse.ArgumentParser, who: str) -> None:
                    help="start no new trial after S seconds")
 
 
+class _StoppedEarly(BaseException):
+    """SIGTERM arrived before the verb installed its own handler: nothing runs yet."""
+
+
+def _stop_early(signum: int, frame: FrameType | None) -> None:
+    raise _StoppedEarly
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from tuner import commands  # SQLAlchemy and more: after main() is ready for SIGTERM
+
     parser = _Parser(prog="tuner", description="Search dropout, L2 and augmentation for a "
                      "Keras image model on an Optuna study.")
     parser.add_argument("--version", action="version", version=f"tuner {_version()}")
@@ -125,12 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
          err: TextIO | None = None) -> int:
     """The ``tuner`` command; ``out`` and ``err`` default to the process's streams."""
-    from tuner.settings import quiet_libraries
-
     out, err = out or sys.stdout, err or sys.stderr
-    logging.basicConfig(level=logging.WARNING, format="tuner: %(message)s")
-    quiet_libraries()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_early) if in_main_thread else None
     try:
+        from tuner.settings import quiet_libraries
+
+        logging.basicConfig(level=logging.WARNING, format="tuner: %(message)s")
+        quiet_libraries()
         opts = build_parser().parse_args(argv)
         return opts.command(opts, out)
     except TunerError as exc:
@@ -139,6 +158,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     except KeyboardInterrupt:
         print("tuner: interrupted", file=err)
         return ExitCode.INTERRUPTED
+    except _StoppedEarly:
+        print("tuner: stopped by SIGTERM before any trial started", file=err)
+        return ExitCode.OK
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
