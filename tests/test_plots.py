@@ -85,7 +85,8 @@ def test_plot_html_and_png(ran: str, any_url: str, tmp_path: Path) -> None:
     study = optuna.load_study(study_name=STUDY, storage=any_url)
     for t in study.trials:
         assert f"#{t.number} validation" in rest and f"#{t.number} training" in rest
-    assert "Learning curves of the best 4 trials" in rest and '"type":"log"' in rest
+    assert json.dumps(render.curves_title(4))[1:-1] in rest  # as plotly's JSON escapes it
+    assert '"type":"log"' in rest
 
     png = tmp_path / "overfit.png"
     result = cli("plot", "--study", STUDY, "--storage", any_url, "--top", "2", "-o", str(png))
@@ -242,9 +243,9 @@ def test_two_workers_updating_at_once_lose_nothing(any_url: str, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_dashboard_page_shows_the_figures(request: pytest.FixtureRequest,
+def test_dashboard_page_shows_the_figures(dashboard: tuple[str, str, Path],  # noqa: F811
                                           tmp_path: Path) -> None:
-    base, _, _ = request.getfixturevalue("dashboard")  # test_dashboard's: a study that ran
+    base, _, _ = dashboard  # test_dashboard's fixture: a study that ran, and its dashboard
     summaries = json.loads(_get(f"{base}/api/studies"))["study_summaries"]
     (summary,) = [s for s in summaries if s["study_name"] == DASH_STUDY]
     study_id = summary["study_id"]
@@ -265,7 +266,7 @@ def test_dashboard_page_shows_the_figures(request: pytest.FixtureRequest,
         assert image.size == (1400, 2200)
     dom = _chromium(tmp_path / "profile-2", "--dump-dom", page, size="1400,2200")
     # plotly draws titles and legend entries as SVG text in the page
-    assert "Learning curves of the best 3 trials" in dom, dom[-3000:]
-    assert "Validation loss (top) and generalization gap" in dom
-    assert "validation" in dom and "Best trial #" in dom
+    assert render.curves_title(3) in dom, dom[-3000:]
+    assert render.knobs_title(3) in dom
+    assert all(f"#{t['number']} validation" in dom for t in detail["trials"])
     print(f"dashboard screenshot: {png}")

@@ -39,6 +39,7 @@ PNG_SIZE = (1400, 1400)  # pixels
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")
 BEST_COLOR = "#d62728"
+DASHBOARD_HEIGHT = 440  # optuna-dashboard draws a saved figure in a box 450 px high
 
 
 @dataclass(frozen=True)
@@ -174,9 +175,11 @@ def _curves_plotly(facts: Facts) -> go.Figure:
                 marker={"color": color, "size": 13, "symbol": "star",
                         "line": {"color": "black", "width": 1}},
                 hovertemplate=render.best_epoch_hover() + "<extra></extra>"))
-    fig.update_layout(**_layout(render.curves_title(len(facts.curves), facts.study), 460))
+    fig.update_layout(**_layout(render.curves_title(len(facts.curves)),
+                                DASHBOARD_HEIGHT))
+    longest = max((len(c.val_loss) for c in facts.curves), default=1)
     fig.update_xaxes(title_text=render.EPOCH_LABEL, showgrid=True, gridcolor="#eee",
-                     zeroline=False)
+                     zeroline=False, tick0=1, dtick=max(1, math.ceil(longest / 10)))
     fig.update_yaxes(title_text=render.LOSS_LABEL, showgrid=True, gridcolor="#eee",
                      zeroline=False)
     return fig
@@ -210,15 +213,16 @@ def _knobs_plotly(facts: Facts) -> go.Figure:
                             "line": {"color": "black", "width": 1}},
                     hovertemplate=render.best_trial_name(facts.best_trial) +
                     "<extra></extra>"), row=row, col=col)
-        fig.update_xaxes(title_text=knob.name, type="log" if knob.log else "linear",
-                         showgrid=True, gridcolor="#eee", row=2, col=col)
-        fig.update_xaxes(type="log" if knob.log else "linear", showgrid=True,
-                         gridcolor="#eee", row=1, col=col)
+        scale = {"type": "log", "dtick": 1, "exponentformat": "power"} if knob.log \
+            else {"type": "linear"}
+        fig.update_xaxes(title_text=knob.name, showgrid=True, gridcolor="#eee", row=2,
+                         col=col, **scale)
+        fig.update_xaxes(showgrid=True, gridcolor="#eee", row=1, col=col, **scale)
     fig.update_yaxes(showgrid=True, gridcolor="#eee")
     fig.update_yaxes(title_text=render.VAL_LOSS_LABEL, row=1, col=1)
     fig.update_yaxes(title_text=render.GAP_LABEL, zeroline=True, zerolinecolor="#999",
                      row=2, col=1)
-    fig.update_layout(**_layout(render.knobs_title(facts.complete), 520))
+    fig.update_layout(**_layout(render.knobs_title(facts.complete), DASHBOARD_HEIGHT))
     return fig
 
 
@@ -274,6 +278,8 @@ def _write_atomically(dest: Path, data: bytes) -> None:
 def html_page(facts: Facts) -> str:
     """A standalone page: the summary and both figures, plotly.js inline (no network)."""
     curves, knobs = plotly_figures(facts)
+    curves.update_layout(height=520)
+    knobs.update_layout(height=640)
     config = {"displaylogo": False, "responsive": True}
     parts = [curves.to_html(full_html=False, include_plotlyjs=True, config=config,
                             div_id="tuner-curves"),
@@ -318,7 +324,8 @@ def png_bytes(facts: Facts) -> bytes:
         if c.best_epoch is not None and 1 <= c.best_epoch <= len(c.val_loss):
             ax.plot([c.best_epoch], [c.val_loss[c.best_epoch - 1]], marker="*", color=color,
                     markersize=16, markeredgecolor="black", linestyle="none")
-    ax.set_title(render.curves_title(len(facts.curves), facts.study), loc="left")
+    ax.set_title(render.curves_title(len(facts.curves)), loc="left")
+    top.suptitle(render.plot_page_title(facts.study), x=0.01, ha="left", fontsize=14)
     ax.set_xlabel(render.EPOCH_LABEL)
     ax.set_ylabel(render.LOSS_LABEL)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

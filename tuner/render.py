@@ -377,15 +377,14 @@ VAL_LOSS_LABEL = "val_loss"
 GAP_LABEL = "gap (val − train)"
 
 
-def curves_title(n: int, study: str) -> str:
+def curves_title(n: int) -> str:
     trials = "trial" if n == 1 else f"{n} trials"
-    return (f"Learning curves of the best {trials} of {study!r}: training dashed, "
-            "validation solid, ★ best epoch")
+    return f"Best {trials}: training (dashed) vs validation loss, ★ best epoch"
 
 
 def knobs_title(complete: int) -> str:
-    return (f"Validation loss (top) and generalization gap (bottom) against each knob, "
-            f"{complete} completed trial{'' if complete == 1 else 's'}; ★ best trial")
+    return (f"val_loss (top) and gap (bottom) per knob, {complete} trial"
+            f"{'' if complete == 1 else 's'}, ★ best")
 
 
 def curve_name(trial: int, kind: str) -> str:
