@@ -118,12 +118,19 @@ def _knobs(trials: list[FrozenTrial]) -> list[Knob]:
     knobs = []
     for name in ranked:
         have = [t for t in trials if name in t.params]
+        gaps = [t.user_attrs.get(attrs.GAP) for t in have]
         knobs.append(Knob(name=name, log=names[name],
-                          values=[float(t.params[name]) for t in have],
-                          val_loss=[float(t.value) for t in have],
-                          gap=[t.user_attrs.get(attrs.GAP) for t in have],
+                          values=[_short(float(t.params[name])) for t in have],
+                          val_loss=[_short(float(t.value)) for t in have],
+                          gap=[None if g is None else _short(float(g)) for g in gaps],
                           trials=[t.number for t in have]))
     return knobs
+
+
+def _short(value: float) -> float:
+    """5 significant digits: a saved figure is rewritten at every update, and 17 digits of
+    a dropout rate would double its size for nothing a reader can see."""
+    return float(f"{value:.5g}")
 
 
 def turned_up_at(val_loss: list[float]) -> int | None:
