@@ -126,7 +126,7 @@ def test_dashboard_api_curves_artifacts_and_page(dashboard: tuple[str, str, Path
         shutil.copy(png, Path(shot_dir) / f"dashboard-study-{url.split(':')[0]}.png")
 
 
-def _chromium(profile: Path, mode: str, page: str) -> str:
+def _chromium(profile: Path, mode: str, page: str, size: str = "1400,1000") -> str:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.fail("chromium is not installed: `apt-get install -y --no-install-recommends "
@@ -134,7 +134,7 @@ def _chromium(profile: Path, mode: str, page: str) -> str:
     proc = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={profile}", "--window-size=1400,1000",
+         "--disable-sync", f"--user-data-dir={profile}", f"--window-size={size}",
          "--virtual-time-budget=10000", mode, page],
         capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]

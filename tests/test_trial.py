@@ -120,6 +120,11 @@ def test_pruned_trial_stops_early_and_keeps_its_attributes(arrays) -> None:
     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     attrs = study.trials[0].user_attrs
     assert attrs["pruned_at"] == 1 and attrs["epochs_run"] == 1
+    # its learning curves too, up to the epoch it was stopped at (the dashboard draws them)
+    curve = attrs["curve"]
+    assert len(curve["train_loss"]) == len(curve["val_loss"]) == len(curve["t"]) == 1
+    assert curve["val_loss"][0] == pytest.approx(study.trials[0].intermediate_values[1],
+                                                 abs=1e-5)
 
 
 def test_nan_loss_fails_with_a_reason(arrays) -> None:

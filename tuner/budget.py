@@ -387,16 +387,24 @@ def grace_period(storage: RDBStorage) -> float:
     return float(getattr(storage, "grace_period", None) or 2 * interval)
 
 
+def budget_lock(storage: RDBStorage, study_name: str) -> contextlib.AbstractContextManager[None]:
+    """Hold the lock of the claim path: shared by every process that uses this study's
+    database (see :func:`study_lock`)."""
+    return study_lock(storage, study_name, "budget")
+
+
 @contextlib.contextmanager
-def budget_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
-    """Hold a lock shared by every process that uses this study's database.
+def study_lock(storage: RDBStorage, study_name: str, purpose: str) -> Iterator[None]:
+    """Hold a lock shared by every process that uses this study's database, one per
+    ``purpose`` (the claim path's ``budget``; the dashboard figures' ``figures``), so that
+    slow work under one never holds up the other.
 
     PostgreSQL: a transaction-level advisory lock, so it also works behind PgBouncer in
     transaction mode and dies with its connection. SQLite: a file lock beside the database.
     """
     url = storage.engine.url
     if url.get_backend_name() == "postgresql":
-        key = zlib.crc32(f"tuner-budget:{study_name}".encode())
+        key = zlib.crc32(f"tuner-{purpose}:{study_name}".encode())
 
         def lock() -> sqlalchemy.Connection:
             conn = storage.engine.connect()
@@ -418,7 +426,8 @@ def budget_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
             finally:
                 conn.close()
     elif url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        with open(f"{url.database}.lock", "a+") as handle:
+        suffix = "" if purpose == "budget" else f".{purpose}"
+        with open(f"{url.database}{suffix}.lock", "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(command=commands.importance)
 
+    p = sub.add_parser("plot", help="learning curves and knobs to an .html or .png file")
+    p.add_argument("--study", required=True, metavar="NAME")
+    _storage_flags(p)
+    p.add_argument("--top", type=_positive_int, default=5, metavar="N",
+                   help="learning curves of the best N completed trials (default 5)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="FILE.html (plotly, opens offline) or FILE.png (no browser needed)")
+    p.set_defaults(command=commands.plot)
+
     p = sub.add_parser("dashboard", help="optuna-dashboard on the same storage")
     _storage_flags(p)
     _artifact_flag(p)

@@ -130,6 +130,27 @@ def importance(opts: argparse.Namespace, out: TextIO) -> int:
     return ExitCode.OK
 
 
+def plot(opts: argparse.Namespace, out: TextIO) -> int:
+    """``tuner plot``: the dashboard's figures to a standalone ``.html`` or a ``.png``."""
+    from pathlib import Path
+
+    from tuner import figures
+    from tuner import study as studies
+    from tuner.errors import RuntimeFailure
+    from tuner.storage import open_storage
+
+    dest = Path(opts.output).expanduser()
+    figures.check_extension(dest)  # before the database: a typo costs nothing
+    figures.check_writable(dest)
+    study, _ = studies.load(opts.study, open_storage(_existing_url(opts), heartbeat=False))
+    facts = figures.gather(study, opts.top)
+    if facts is None:
+        raise RuntimeFailure(render.plot_no_completed(opts.study))
+    figures.write(facts, dest)
+    _say(out, render.plot_written(str(dest), opts.study, len(facts.curves), facts.complete))
+    return ExitCode.OK
+
+
 def dashboard(opts: argparse.Namespace, out: TextIO) -> int:
     """``tuner dashboard``: optuna-dashboard on the same storage, until Ctrl-C."""
     from tuner.dashboard import run_dashboard

@@ -6,15 +6,20 @@ trial's saved model. One dashboard serves every study of a storage but takes one
 store, so models are looked up in ``--artifacts DIR``, else ``$TUNER_ARTIFACTS``, else in the
 directories the studies recorded when they were created (each tried in turn, first study
 first; uploads from the dashboard go to the first).
+
+Workers keep two figures and a note on each study's page (:class:`FigurePublisher`): the
+learning curves of the best trials and the losses against each knob (:mod:`tuner.figures`).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import BinaryIO, TextIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage
@@ -24,6 +29,8 @@ from tuner.errors import RuntimeFailure
 from tuner.settings import artifacts_dir
 from tuner.storage import open_storage
 from tuner.urls import mask
+
+_log = logging.getLogger("tuner.dashboard")
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -101,3 +108,100 @@ def run_dashboard(url: str, out: TextIO, host: str = "127.0.0.1", port: int = 80
         server.server_close()
     return 0
 
+
+
+# --- the study page: figures and a note, kept up to date by the workers ------------------------
+
+CURVES_ID = "tuner-curves"  # optuna-dashboard graph object ids: one of each per study,
+KNOBS_ID = "tuner-knobs"  # overwritten in place at every update
+
+
+class FigurePublisher:
+    """Keeps a study's figures and note in optuna-dashboard up to date while workers run.
+
+    Every worker calls :meth:`after_trial` when a trial finishes and :meth:`final` when it
+    stops. An update runs under the study's ``figures`` lock (:func:`tuner.budget.study_lock`)
+    and reads the trials *inside* it, so of two workers updating at once the second draws
+    every trial the first had seen and its own: the last figures written always include every
+    trial finished before that update began, and no figure is ever a mix of two writers'
+    chunks (optuna-dashboard splits a figure over several attributes, one write each). At
+    most one update per ``interval`` seconds per study (decided through the study attribute
+    ``figures_updated_at``, so across workers), plus the final one, which always runs. A
+    failed update is logged and never stops a worker.
+    """
+
+    def __init__(self, study: optuna.Study, storage: RDBStorage,
+                 interval: float | None = None, top: int | None = None) -> None:
+        from tuner import figures
+        from tuner.settings import figure_interval
+
+        self.study, self.storage = study, storage
+        self.interval = figure_interval() if interval is None else interval
+        self.top = figures.DEFAULT_TOP if top is None else top
+        self.updates = 0
+        self._warned = False
+
+    def after_trial(self) -> bool:
+        """Update unless another update ran within the interval; True if this one did."""
+        return self._safely(force=False)
+
+    def final(self) -> bool:
+        """Update whatever the interval: the worker stops, nobody may come after it."""
+        return self._safely(force=True)
+
+    def _safely(self, force: bool) -> bool:
+        try:
+            return self.update(force)
+        except Exception as exc:  # noqa: BLE001 - a figure is never worth a trial
+            if not self._warned:
+                _log.warning("could not update the dashboard figures: %s", exc)
+                self._warned = True
+            return False
+
+    def _recent(self, now: float) -> bool:
+        last = self.study.user_attrs.get(attrs.FIGURES_UPDATED)
+        return last is not None and now - float(last) < self.interval
+
+    def update(self, force: bool = False) -> bool:
+        """Draw and save both figures and the note now (unless throttled); True if written."""
+        import time
+
+        from tuner.budget import study_lock
+
+        if not force and self._recent(time.time()):  # cheap: no lock, no trials loaded
+            return False
+        with study_lock(self.storage, self.study.study_name, "figures"):
+            now = time.time()
+            if not force and self._recent(now):
+                return False
+            written = publish(self.study, self.top, now)
+            if written:
+                self.study.set_user_attr(attrs.FIGURES_UPDATED, round(now, 3))
+                self.updates += 1
+            return written
+
+
+def publish(study: optuna.Study, top: int, now: float) -> bool:
+    """Write the figures, the note and the objective's name into ``study`` (no lock: see
+    :class:`FigurePublisher`); False while the study has no completed trial."""
+    from optuna_dashboard import get_note, save_note, save_plotly_graph_object
+
+    from tuner import figures
+    from tuner.inspect import importance_report
+
+    if study.metric_names != [render.OBJECTIVE_NAME]:
+        # what optuna_dashboard.set_objective_names does, without its deprecation warning
+        study.set_metric_names([render.OBJECTIVE_NAME])
+    facts = figures.gather(study, top)
+    if facts is None:
+        return False
+    curves, knobs = figures.plotly_figures(facts)
+    save_plotly_graph_object(study, curves, graph_object_id=CURVES_ID)
+    save_plotly_graph_object(study, knobs, graph_object_id=KNOBS_ID)
+    body = render.study_note(facts.best_trial, facts.best_value, facts.best_gap,
+                             facts.complete, importance_report(study), now)
+    old = get_note(study)
+    if render.NOTE_END in old:  # keep what a user wrote under tuner's part
+        body += old.split(render.NOTE_END, 1)[1]
+    save_note(study, body)
+    return True

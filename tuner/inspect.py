@@ -22,6 +22,7 @@ from tuner import attrs, confirm, optuna_sql
 from tuner import study as studies
 from tuner.budget import Budget, Usage
 from tuner.errors import RuntimeFailure, UserError
+from tuner.figures import turned_up_at
 from tuner.spec import StudySpec
 from tuner.storage import unreachable
 
@@ -322,6 +323,8 @@ def best_summary(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
     Validation chooses; test figures (when the data has a test split) are reported beside it,
     with the median test loss of the completed trials, so a winner that only got lucky on the
     validation split shows. ``confirmed`` ranks the configurations of a confirm step.
+    ``curve`` is the winner's learning curves, ``val_loss_turned_up_at`` the epoch after its
+    lowest validation loss (``None``: still falling at the last epoch).
     """
     try:
         best = study.best_trial
@@ -356,6 +359,8 @@ def best_summary(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
         "seconds": a.get(attrs.SECONDS),
         "model_artifact": a.get(attrs.MODEL_ARTIFACT),
         "confirmed": _confirmed(study),
+        "curve": a.get(attrs.CURVE),
+        "val_loss_turned_up_at": turned_up_at((a.get(attrs.CURVE) or {}).get("val_loss") or []),
     }
 
 

@@ -161,7 +161,9 @@ def best(summary: dict[str, Any]) -> str:
                   "to choose",
                   f"  test_accuracy  {number(s['test_accuracy'])}"]
     lines += [f"  best epoch     {s['best_epoch']} of {s['epochs_run']} run "
-              f"(max {s['max_epochs']})", "  parameters"]
+              f"(max {s['max_epochs']})"]
+    lines += _curve_lines(s.get("curve"), s.get("val_loss_turned_up_at"))
+    lines.append("  parameters")
     lines += [f"    {name:<22} {_param(value)}" for name, value in s["params"].items()]
     if not s["params"]:
         lines.append("    (none: every knob is fixed in the study file)")
@@ -173,6 +175,50 @@ def best(summary: dict[str, Any]) -> str:
     if s.get("confirmed"):
         lines += ["", _confirmed(s["confirmed"])]
     return "\n".join(lines)
+
+
+def _curve_lines(curve: dict[str, list[float]] | None, turned_up: int | None) -> list[str]:
+    """The winner's learning curves as sparklines on one scale, so the gap shows as the
+    distance between the two lines, and the epoch where validation loss turned up."""
+    val = (curve or {}).get("val_loss") or []
+    train = (curve or {}).get("train_loss") or []
+    if not val:
+        return []
+    finite = [v for v in val + train if v == v and abs(v) != float("inf")]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    lines = [f"  val_loss       {sparkline(val, low, high)}  {number(val[0])} → "
+             f"{number(val[-1])} (lowest {number(min(val))})"]
+    if train:
+        lines.append(f"  train_loss     {sparkline(train, low, high)}  {number(train[0])} → "
+                     f"{number(train[-1])}")
+    if turned_up is None:
+        lines.append(f"  turned up      never: val_loss was still falling at epoch {len(val)} "
+                     "(more epochs might help)")
+    else:
+        lines.append(f"  turned up      at epoch {turned_up}: val_loss rose after its lowest "
+                     f"(epoch {turned_up - 1})")
+    return lines
+
+
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], low: float, high: float, width: int = 40) -> str:
+    """``values`` as block characters between ``low`` and ``high``; more than ``width``
+    values are averaged in ``width`` bins."""
+    if len(values) > width:
+        edges = [round(i * len(values) / width) for i in range(width + 1)]
+        values = [sum(values[a:b]) / (b - a) for a, b in zip(edges, edges[1:], strict=False)
+                  if b > a]
+    span = high - low
+    out = []
+    for v in values:
+        if v != v or abs(v) == float("inf"):
+            out.append(" ")
+            continue
+        level = 0 if span <= 0 else int((v - low) / span * (len(_BARS) - 1) + 0.5)
+        out.append(_BARS[min(len(_BARS) - 1, max(0, level))])
+    return "".join(out)
 
 
 def exported(path: str) -> str:
@@ -320,3 +366,110 @@ def dashboard_started(url: str, address: str, directories: list[str], host: str)
                      "the studies")
     lines.append("  Ctrl-C stops it.")
     return "\n".join(lines)
+
+
+# --- figures: tuner plot, and the dashboard's study page ----------------------------------------
+
+OBJECTIVE_NAME = "val_loss (cross-entropy, no L2 penalty)"
+EPOCH_LABEL = "epoch"
+LOSS_LABEL = "cross-entropy (no L2 penalty)"
+VAL_LOSS_LABEL = "val_loss"
+GAP_LABEL = "gap (val − train)"
+
+
+def curves_title(n: int) -> str:
+    trials = "trial" if n == 1 else f"{n} trials"
+    return f"Best {trials}: training (dashed) vs validation loss, ★ best epoch"
+
+
+def knobs_title(complete: int) -> str:
+    return (f"val_loss (top) and gap (bottom) per knob, {complete} trial"
+            f"{'' if complete == 1 else 's'}, ★ best")
+
+
+def curve_name(trial: int, kind: str) -> str:
+    return f"#{trial} {kind}"
+
+
+def best_epoch_name(trial: int) -> str:
+    return f"#{trial} best epoch"
+
+
+def best_epoch_hover() -> str:
+    return "best epoch %{x}: val_loss %{y:.4f} (the model kept)"
+
+
+def knob_series(gap: bool) -> str:
+    return GAP_LABEL if gap else VAL_LOSS_LABEL
+
+
+def best_trial_name(trial: int) -> str:
+    return f"best trial #{trial}"
+
+
+def plot_page_title(study: str) -> str:
+    return f"Study {study!r}: training against validation loss"
+
+
+def figure_summary(study: str, best_trial: int, best_value: float, gap: float | None,
+                   complete: int) -> list[str]:
+    """The lines above the figures in ``tuner plot``'s HTML page."""
+    return [f"Best trial #{best_trial}: val_loss {number(best_value)}, gap {number(gap)} "
+            "(val_loss − train_loss at its best epoch)",
+            f"{complete} completed trial{'' if complete == 1 else 's'}; "
+            f"`tuner best --study {study}` for its parameters"]
+
+
+NOTE_END = ("*Written by tuner whenever the figures are updated; what you write below this "
+            "line is kept.*")
+
+
+def study_note(best_trial: int, best_value: float, gap: float | None, complete: int,
+               report: dict[str, Any], updated_at: float) -> str:
+    """The study's note in optuna-dashboard (Markdown): the winner, its gap, range advice."""
+    when = dt.datetime.fromtimestamp(updated_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    lines = [f"**Best trial #{best_trial}**: val_loss {number(best_value)} "
+             "(cross-entropy, no L2 penalty), generalization gap "
+             f"{number(gap)} (val_loss − train_loss at its best epoch), "
+             f"out of {complete} completed trial{'' if complete == 1 else 's'}.", ""]
+    if report.get("importances"):
+        ranked = ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items())
+        lines += [f"Importances (fANOVA): {ranked}.", ""]
+    advice = [p for p in report.get("ranges", []) if p.get("advice")]
+    if advice:
+        lines.append("Search ranges (`tuner importance`):")
+        lines += [f"- {p['param']} = {number(p['value'], 3)} in [{number(p['low'], 3)}, "
+                  f"{number(p['high'], 3)}]: {p['advice']}" for p in advice]
+    elif report.get("ranges"):
+        lines.append("Search ranges (`tuner importance`): the best trial sits inside every "
+                     "range; none needs widening.")
+    lines += ["", f"Updated {when}.", "", "---", NOTE_END]
+    return "\n".join(lines)
+
+
+def plot_written(path: str, study: str, curves: int, complete: int) -> str:
+    return (f"Wrote {path}: learning curves of the best {curves} trial"
+            f"{'' if curves == 1 else 's'} and the knobs of {complete} completed trial"
+            f"{'' if complete == 1 else 's'} of study {study!r}")
+
+
+def plot_bad_extension(path: str, extensions: tuple[str, ...]) -> str:
+    return (f"-o {path}: unknown file type; end the name in "
+            f"{' or '.join(extensions)} (HTML opens offline in a browser, PNG anywhere)")
+
+
+def plot_no_folder(path: str, folder: str) -> str:
+    return f"-o {path}: there is no folder {folder}; create it or write somewhere else"
+
+
+def plot_is_a_folder(path: str) -> str:
+    return f"-o {path}: is a folder; give a file name ending in .html or .png"
+
+
+def plot_cannot_write(path: str, why: str) -> str:
+    return f"cannot write {path}: {why}"
+
+
+def plot_no_completed(study: str) -> str:
+    return (f"study {study!r} has no completed trial yet: nothing to plot; wait for a worker "
+            "to finish one (see `tuner status`)")

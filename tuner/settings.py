@@ -12,6 +12,8 @@ artifact directory (saved models)      ``--artifacts``, ``$TUNER_ARTIFACTS``, th
 heartbeat interval / grace period      ``$TUNER_HEARTBEAT_INTERVAL`` (10 s),
                                        ``$TUNER_GRACE_PERIOD`` (30 s)
 database retries                       ``$TUNER_DB_RETRY_SECONDS`` (300 s)
+dashboard figure updates               at most one per ``$TUNER_FIGURE_INTERVAL`` (30 s) per
+                                       study, and one when a worker stops
 =====================================  ==========================================================
 """
 
@@ -66,6 +68,11 @@ def grace_period() -> int:
 def db_retry_seconds() -> int:
     """How long storage calls keep retrying an unreachable database."""
     return _seconds("TUNER_DB_RETRY_SECONDS", 300)
+
+
+def figure_interval() -> int:
+    """Seconds between two updates of a study's dashboard figures (0: after every trial)."""
+    return _seconds("TUNER_FIGURE_INTERVAL", 30)
 
 
 def quiet_libraries() -> None:

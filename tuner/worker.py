@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 from tuner import attrs, optuna_sql
 from tuner import study as studies
 from tuner.budget import Claimed, Claimer, grace_period, remember_report
+from tuner.dashboard import FigurePublisher
 from tuner.errors import RuntimeFailure
 from tuner.pruning import warmup_epochs
 from tuner.render import duration
@@ -108,10 +109,11 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
     store = artifact_store(study, artifacts)
     retention = Retention(claimer, store, spec.keep_models)
     first_prunable = None if spec.pruner == "none" else warmup_epochs(spec) + 1
+    figures = FigurePublisher(study, storage)
     started = time.monotonic()
     failures_in_a_row = 0
     ran = 0
-    with _interrupts_raise() as signals:
+    with _interrupts_raise() as signals, _final_figures(figures):
         while True:
             signals.check()
             if n_trials is not None and ran >= n_trials:
@@ -184,11 +186,29 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                     except optuna.exceptions.UpdateFinishedTrialError:
                         continue
                     failures_in_a_row += 1
+            if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                figures.after_trial()
             if progress is not None:
                 progress(_outcome(study, frozen, time.monotonic() - t0, reason))
             if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
                 raise RuntimeFailure(f"{failures_in_a_row} trials in a row failed, stopping "
                                      f"this worker; last error: {reason}")
+
+
+@contextmanager
+def _final_figures(figures: FigurePublisher) -> Iterator[None]:
+    """The last figure update when the worker stops: its budget is spent, its cap reached, or
+    it was interrupted (a signal while updating is remembered, not raised). Not after other
+    errors: with the database gone the update would only wait for it."""
+    try:
+        yield
+    except Interrupted:
+        figures.final()
+        raise
+    except BaseException:
+        raise
+    else:
+        figures.final()
 
 
 class SqlRecorder:
