@@ -157,3 +157,19 @@ def test_a_corrupt_npz(tmp_path: Path) -> None:
     result = cli("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")
     assert_one_line(result, 2, "not a readable .npz file")
     assert not (tmp_path / "x.db").exists()
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path: Path) -> None:
+    """`tuner trials | head -1`: the pipe closes before tuner writes; no traceback, exit 0."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'tuner.db'}"
+    assert run_tuner("create", str(write_study(tmp_path)), "--storage", url).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "tuner", "trials", "--study", "tiny",
+                             "--storage", url, "--format", "csv"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert err == ""

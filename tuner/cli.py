@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -169,6 +170,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         return ExitCode.INTERRUPTED
     except _StoppedEarly:
         print("tuner: stopped by SIGTERM before any trial started", file=err)
+        return ExitCode.OK
+    except BrokenPipeError:
+        # The reader went away (`tuner trials | head`): not a failure. Point stdout at
+        # /dev/null so that Python's own flush at exit does not complain again.
+        if out is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return ExitCode.OK
     finally:
         if in_main_thread:

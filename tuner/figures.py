@@ -313,7 +313,7 @@ def png_bytes(facts: Facts) -> bytes:
 
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure  # not pyplot: no global state, nothing to close
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullFormatter
 
     dpi = 100
     n = max(1, len(facts.knobs))
@@ -360,6 +360,9 @@ def png_bytes(facts: Facts) -> bytes:
                 sub.set_ylabel(render.VAL_LOSS_LABEL if row == 0 else render.GAP_LABEL)
             sub.grid(True, color="#eee")
             sub.tick_params(labelsize=8)
+    for ax in fig.axes:  # a range under a decade gets labelled minor ticks, which overlap
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_minor_formatter(NullFormatter())
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()

@@ -186,8 +186,10 @@ def _curve_lines(curve: dict[str, list[float]] | None, turned_up: int | None) ->
         return []
     finite = [v for v in val + train if v == v and abs(v) != float("inf")]
     low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    # first → last epoch; the lowest is the val_loss line above (the curve is stored rounded,
+    # so printing its minimum again could differ from it in the last digit)
     lines = [f"  val_loss       {sparkline(val, low, high)}  {number(val[0])} → "
-             f"{number(val[-1])} (lowest {number(min(val))})"]
+             f"{number(val[-1])}"]
     if train:
         lines.append(f"  train_loss     {sparkline(train, low, high)}  {number(train[0])} → "
                      f"{number(train[-1])}")
