@@ -19,7 +19,8 @@ BEST_KEYS = {"study", "trial", "val_loss", "val_accuracy", "train_loss",
              "train_loss_training_mode", "gap", "test_loss", "test_accuracy",
              "test_loss_median_of_completed", "test_worse_than_median", "best_epoch",
              "epochs_run", "max_epochs", "params", "keras_val_loss", "host", "gpu", "seconds",
-             "model_artifact", "confirmed"}
+             "model_artifact", "confirmed",
+             "curve", "val_loss_turned_up_at"}  # added with the sparklines; none renamed
 
 
 def _inverted_test_source(tmp_path: Path) -> Path:

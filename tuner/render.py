@@ -44,6 +44,11 @@ def number(value: float | None, places: int = 4) -> str:
     return f"{value:.{places}f}"
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 trial``, ``3 trials``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def duration(seconds: float) -> str:
     """``90s``, ``30m``, ``8h`` as a study file writes them; ``41s``, ``4m 10s``, ``2h 05m``
     for ages and running times."""
@@ -114,7 +119,7 @@ def worker_done() -> str:
 
 
 def worker_child_done(trials_run: int, stopped_because: str) -> str:
-    return f"done after {trials_run} trial{'' if trials_run == 1 else 's'}: {stopped_because}"
+    return f"done after {_count(trials_run, 'trial')}: {stopped_because}"
 
 
 def waiting() -> str:
@@ -385,8 +390,7 @@ def curves_title(n: int) -> str:
 
 
 def knobs_title(complete: int) -> str:
-    return (f"val_loss (top) and gap (bottom) per knob, {complete} trial"
-            f"{'' if complete == 1 else 's'}, ★ best")
+    return f"val_loss (top) and gap (bottom) per knob, {_count(complete, 'trial')}, ★ best"
 
 
 def curve_name(trial: int, kind: str) -> str:
@@ -418,7 +422,7 @@ def figure_summary(study: str, best_trial: int, best_value: float, gap: float | 
     """The lines above the figures in ``tuner plot``'s HTML page."""
     return [f"Best trial #{best_trial}: val_loss {number(best_value)}, gap {number(gap)} "
             "(val_loss − train_loss at its best epoch)",
-            f"{complete} completed trial{'' if complete == 1 else 's'}; "
+            f"{_count(complete, 'completed trial')}; "
             f"`tuner best --study {study}` for its parameters"]
 
 
@@ -433,7 +437,7 @@ def study_note(best_trial: int, best_value: float, gap: float | None, complete: 
     lines = [f"**Best trial #{best_trial}**: val_loss {number(best_value)} "
              "(cross-entropy, no L2 penalty), generalization gap "
              f"{number(gap)} (val_loss − train_loss at its best epoch), "
-             f"out of {complete} completed trial{'' if complete == 1 else 's'}.", ""]
+             f"out of {_count(complete, 'completed trial')}.", ""]
     if report.get("importances"):
         ranked = ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items())
         lines += [f"Importances (fANOVA): {ranked}.", ""]
@@ -450,9 +454,8 @@ def study_note(best_trial: int, best_value: float, gap: float | None, complete: 
 
 
 def plot_written(path: str, study: str, curves: int, complete: int) -> str:
-    return (f"Wrote {path}: learning curves of the best {curves} trial"
-            f"{'' if curves == 1 else 's'} and the knobs of {complete} completed trial"
-            f"{'' if complete == 1 else 's'} of study {study!r}")
+    return (f"Wrote {path}: learning curves of the best {_count(curves, 'trial')} and the "
+            f"knobs of {_count(complete, 'completed trial')} of study {study!r}")
 
 
 def plot_bad_extension(path: str, extensions: tuple[str, ...]) -> str:

@@ -4,7 +4,7 @@ A CIFAR-sized CNN is several MB; a study of 10,000 trials that kept every model 
 tens of GB that nobody loads. ``[study] keep_models = K``: a completed trial's model is saved
 only if it is among the best K at that moment (:meth:`Retention.qualifies`), and models that
 fall out of the best K are deleted from the artifact store and from their trial's record
-(:meth:`Retention.prune`), both under the study's lock. At any moment at most K models of
+(:meth:`Retention.prune`, under the study's ``models`` lock). At any moment at most K models of
 finished trials exist, plus one per worker whose trial qualified and is being told, and the
 best trial's model is never deleted (it is always among the best K). The runs of a confirm
 step keep their models outside the K: the confirmed winner is exported from one of them.
@@ -16,7 +16,7 @@ import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from tuner import attrs, optuna_sql
-from tuner.budget import Claimer, budget_lock
+from tuner.budget import Claimer, study_lock
 from tuner.storage import retry_on_disconnect
 
 DEFAULT_KEEP = 5
@@ -43,7 +43,8 @@ class Retention:
         if self.keep is None:
             return 0
         storage = self.claimer.storage
-        with budget_lock(storage, self.claimer.study.study_name):
+        # a lock of its own: deleting files never holds up a worker's claim
+        with study_lock(storage, self.claimer.study.study_name, "models"):
             extra = retry_on_disconnect(storage, self._kept)[self.keep:]
             for trial_id, _, _, artifact_id in extra:
                 try:
