@@ -25,17 +25,19 @@ from _common import machine, table  # noqa: E402
 
 # bench_status belongs with the inspection verbs; it joins the suite when it exists.
 SCRIPTS = ["bench_overhead", "bench_epochs", "bench_storage", "bench_pruning", "bench_quality",
-           "bench_scaling", "bench_status", "bench_chaos", "bench_disk"]
+           "bench_scaling", "bench_status", "bench_chaos", "bench_disk", "bench_figures"]
 RESULT_NAMES = {"bench_overhead": "overhead", "bench_epochs": "epochs",
                 "bench_storage": "storage", "bench_pruning": "pruning",
                 "bench_quality": "quality", "bench_scaling": "scaling",
-                "bench_status": "bench_status", "bench_chaos": "chaos", "bench_disk": "disk"}
+                "bench_status": "bench_status", "bench_chaos": "chaos", "bench_disk": "disk",
+                "bench_figures": "figures"}
 TITLES = {"overhead": "1. Trial overhead", "epochs": "2. Epoch-start stalls",
           "storage": "3. Storage at scale", "pruning": "4. Pruning savings",
           "quality": "5. Search quality against peers", "scaling": "6. Scaling with workers",
           "bench_status": "7. `tuner status` on a 10,000-trial study",
           "chaos": "8. Chaos: workers killed at random, the study still finishes",
-          "disk": "9. Disk: saved models with keep_models"}
+          "disk": "9. Disk: saved models with keep_models",
+          "figures": "10. Learning curves and dashboard figures: what they cost"}
 
 
 def main() -> int:
@@ -146,6 +148,12 @@ def _goals(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]
                      f"{d['default']['peak_files']} models; projected {p['keep_all_gb']:.0f} "
                      f"GB (keep all) vs {p['default_peak_mb']:.0f} MB (keep 5)",
                      "met" if d["default"]["peak_files"] <= 5 + 2 else "missed"))
+    if f := results.get("figures"):
+        u = f["updates"][-1]
+        rows.append(("figures", "(no goal) bytes per trial, seconds per update",
+                     f"curve {f['curve']['json_bytes']} B per {f['curve']['epochs']}-epoch "
+                     f"trial; one update {u['update_s_median']:.2f} s at {u['trials']} trials, "
+                     f"throttled check {u['throttled_check_ms_median']:.1f} ms", "-"))
     if sc := results.get("scaling"):
         r = sc["runs"]
         rows.append(("scaling 1 → 2 workers", "(no goal) trials/h",

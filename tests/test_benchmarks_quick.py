@@ -25,6 +25,7 @@ EXPECTED = {
     "bench_status": ("bench_status", {"results", "goal", "n_trials"}),
     "bench_chaos": ("chaos", {"summary", "rounds"}),
     "bench_disk": ("disk", {"default", "keep_all", "projection"}),
+    "bench_figures": ("figures", {"curve", "updates"}),
 }
 COMMON = {"benchmark", "quick", "command", "machine", "tables"}
 
@@ -72,7 +73,7 @@ def test_report_renders_every_section_and_goal(out_dir: Path, tmp_path: Path) ->
     rows = {"overhead": "| trial overhead |", "epochs": "| epoch stalls |",
             "storage": "| storage latency |", "pruning": "| pruning, ",
             "quality": "| quality, ", "bench_status": "| tuner status at 10k trials |",
-            "chaos": "| chaos |", "disk": "| disk at 10,000 trials |",
+            "chaos": "| chaos |", "disk": "| disk at 10,000 trials |", "figures": "| figures |",
             "scaling": "| scaling 1 → 2 workers |"}
     assert set(rows) == set(TITLES), "every result has a goal row"
     for name in present:
