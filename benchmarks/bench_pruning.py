@@ -27,17 +27,17 @@ from _datasets import datasets, study_file
 
 # (label, pruner, pruner_warmup): None = tuner's default warm-up
 SETTINGS = [("none", "none", None), ("median (default warm-up)", "median", None),
-            ("trend (warm-up 1)", "trend", None),
-            ("median, warm-up 2", "median", 2), ("median, warm-up 1", "median", 1),
-            ("percentile 25", "percentile", None), ("patient median", "patient", None),
-            ("hyperband", "hyperband", None), ("successive halving", "successive-halving",
-                                               None)]
+            ("trend (warm-up 1)", "trend", None), ("median, warm-up 1", "median", 1),
+            ("percentile 25, warm-up 1", "percentile", 1), ("patient median", "patient", None),
+            ("hyperband, warm-up 0", "hyperband", 0),
+            ("successive halving, warm-up 0", "successive-halving", 0),
+            ("successive halving, warm-up 1", "successive-halving", 1)]
 
 
 def main() -> None:
     args = parse_args(__doc__, lambda p: (
         p.add_argument("--seeds", type=int, default=3),
-        p.add_argument("--trials", type=int, default=16),
+        p.add_argument("--trials", type=int, default=24),
         p.add_argument("--datasets", nargs="+"),
         p.add_argument("--settings", nargs="+", help="labels to run (default: all)")))
     seeds = [0] if args.quick else list(range(args.seeds))
