@@ -1,7 +1,8 @@
 """Take the winner into production: the best trial's best-epoch model as a ``.keras`` file.
 
-Every completed trial uploaded its best-epoch model as an Optuna artifact (see
-:func:`tuner.trial.save_model_artifact`), so exporting is a download, not a retrain. No
+Every completed trial among the study's best ``keep_models`` uploaded its best-epoch model as
+an Optuna artifact (see :func:`tuner.trial.save_model`), so exporting is a download, not a
+retrain. No
 TensorFlow is needed here: the file is copied as stored.
 """
 

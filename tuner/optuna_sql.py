@@ -172,6 +172,18 @@ def set_trial_user_attrs(conn: sqlalchemy.Connection, trial_id: int,
          for key, value in values.items()])
 
 
+def set_trial_system_attrs(conn: sqlalchemy.Connection, trial_id: int,
+                           values: dict[str, Any]) -> None:
+    """Several system attributes of one trial in one statement, encoded as Optuna's
+    ``set_trial_system_attr`` encodes them."""
+    conn.execute(_text(
+        "INSERT INTO trial_system_attributes (trial_id, key, value_json) "
+        "VALUES (:tid, :key, :value) ON CONFLICT (trial_id, key) "
+        "DO UPDATE SET value_json = excluded.value_json"),
+        [{"tid": trial_id, "key": key, "value": json.dumps(value)}
+         for key, value in values.items()])
+
+
 def report_epoch(conn: sqlalchemy.Connection, trial_id: int, step: int, value: float,
                  values: dict[str, Any]) -> bool:
     """A finite intermediate value at ``step`` and user attributes of a RUNNING trial, as

@@ -15,19 +15,22 @@ once on the test split, if the data has one; the test never takes part in select
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import keras
 import numpy as np
 import optuna
+from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX, ArtifactMeta
 
 from tuner import attrs
 from tuner.augment import build_augmentation
@@ -101,8 +104,8 @@ def with_shape(hp: Hyperparams, arrays: Arrays) -> Hyperparams:
 class Recorder(Protocol):
     """How a trial's figures reach the study (see :class:`OptunaRecorder`)."""
 
-    def attrs(self, values: dict[str, Any]) -> None:
-        """Write several trial attributes."""
+    def attrs(self, values: dict[str, Any], system: dict[str, Any] | None = None) -> None:
+        """Write several trial user attributes (and system attributes: ``system``)."""
 
     def epoch(self, step: int, value: float, curve: dict[str, list[float]]) -> None:
         """Report one epoch's objective value and the learning curves so far."""
@@ -114,7 +117,9 @@ class OptunaRecorder:
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
 
-    def attrs(self, values: dict[str, Any]) -> None:
+    def attrs(self, values: dict[str, Any], system: dict[str, Any] | None = None) -> None:
+        for key, value in (system or {}).items():
+            self.trial.storage.set_trial_system_attr(self.trial._trial_id, key, value)
         for key, value in values.items():
             self.trial.set_user_attr(key, value)
 
@@ -229,11 +234,14 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
             test = model.evaluate(datasets.test, verbose=0, return_dict=True)
             figures.update({attrs.TEST_LOSS: float(test["xent"]),
                             attrs.TEST_ACCURACY: float(test["accuracy"])})
-        recorder.attrs(figures)
+        system: dict[str, Any] = {}
+        if result.pruned_at is None and artifact_store is not None \
+                and (keep_model is None or keep_model(result.val_loss)):
+            figures[attrs.MODEL_ARTIFACT], key, meta = save_model(model, artifact_store)
+            system[key] = meta
+        recorder.attrs(figures, system)  # the model's record in the same write
         if result.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned at epoch {result.pruned_at}")
-        if artifact_store is not None and (keep_model is None or keep_model(result.val_loss)):
-            save_model_artifact(model, trial, artifact_store)
         return result
     finally:
         del model
@@ -241,14 +249,21 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
         keras.backend.clear_session(free_memory=False)
 
 
-def save_model_artifact(model: keras.Model, trial: optuna.Trial,
-                        artifact_store: optuna.artifacts.FileSystemArtifactStore) -> str:
-    """Upload the (best-epoch) model as ``model.keras``; its id is kept as ``model_artifact``."""
+def save_model(model: keras.Model, artifact_store: optuna.artifacts.FileSystemArtifactStore
+               ) -> tuple[str, str, str]:
+    """Write the (best-epoch) model to the store as ``model.keras``.
+
+    Returns the artifact id and the system attribute (key, JSON) by which Optuna's
+    ``upload_artifact`` would record it (optuna-dashboard lists and downloads it from there):
+    the caller writes it with the trial's other attributes, in one transaction, rather than
+    in the two or three that ``upload_artifact`` and ``set_user_attr`` take.
+    """
+    artifact_id = str(uuid.uuid4())
+    meta = ArtifactMeta(artifact_id=artifact_id, filename=MODEL_ARTIFACT,
+                        mimetype="application/octet-stream", encoding=None)
     with tempfile.TemporaryDirectory(prefix="tuner-") as tmp:
         path = Path(tmp) / MODEL_ARTIFACT
         model.save(path)
-        artifact_id = optuna.artifacts.upload_artifact(
-            artifact_store=artifact_store, file_path=str(path), study_or_trial=trial,
-            mimetype="application/octet-stream")
-    trial.set_user_attr(attrs.MODEL_ARTIFACT, artifact_id)
-    return artifact_id
+        with path.open("rb") as f:
+            artifact_store.write(artifact_id, f)
+    return artifact_id, ARTIFACTS_ATTR_PREFIX + artifact_id, json.dumps(asdict(meta))
