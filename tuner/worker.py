@@ -113,7 +113,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
     started = time.monotonic()
     failures_in_a_row = 0
     ran = 0
-    with _interrupts_raise() as signals, _final_figures(figures):
+    with _interrupts_raise() as signals, _final_figures(figures), _frozen_heap():
         while True:
             signals.check()
             if n_trials is not None and ran >= n_trials:
@@ -196,6 +196,20 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
 
 
 @contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """TensorFlow, Keras and the data are hundreds of thousands of objects that live as long
+    as the worker. Frozen, the collector no longer scans them, and the full collection every
+    ``GC_EVERY`` trials costs a fifth of what it did (0.1 s against 0.5 s on the demo).
+    No collection first (0.5 s): what garbage the set-up left is kept until the end, once.
+    Unfrozen at the end, so that a process that runs several studies in turn can free them."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextmanager
 def _final_figures(figures: FigurePublisher) -> Iterator[None]:
     """The last figure update when the worker stops: its budget is spent, its cap reached, or
     it was interrupted (a signal while updating is remembered, not raised). Not after other
@@ -219,10 +233,12 @@ class SqlRecorder:
     def __init__(self, trial: optuna.Trial, storage: RDBStorage, trial_id: int) -> None:
         self.trial, self.storage, self.trial_id = trial, storage, trial_id
 
-    def attrs(self, values: dict[str, Any]) -> None:
+    def attrs(self, values: dict[str, Any], system: dict[str, Any] | None = None) -> None:
         def write() -> None:
             with self.storage.engine.begin() as conn:
                 optuna_sql.set_trial_user_attrs(conn, self.trial_id, values)
+                if system:
+                    optuna_sql.set_trial_system_attrs(conn, self.trial_id, system)
 
         retry_on_disconnect(self.storage, write)
 
