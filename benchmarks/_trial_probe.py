@@ -132,23 +132,26 @@ def main() -> None:
 def _warm(args) -> None:  # noqa: ANN001
     """Per-trial cost in a warm worker: imports, storage and data are paid once per process.
 
-    Alternates a bare ``build_model`` + ``model.fit`` (the identical network, no tuner) with a
-    full tuner trial (claim under the budget lock, run_trial with per-epoch reports and the
-    artifact, tell), after one untimed warm-up fit, and prints both lists of seconds.
+    ``tuner.worker.work`` runs the study, exactly as a worker does (claim under the budget lock,
+    per-epoch reports, heartbeat, best-K retention, the tell, the figures' throttle, the
+    periodic garbage collection); after each of its trials, its ``progress`` hook fits the
+    identical network bare (``build_model`` + ``model.fit``, no tuner). A tuner trial's time is
+    the time between two hooks, less the bare fit run in the first. The first trial, which
+    includes the worker's set-up, is not counted. Wall and CPU seconds (all threads) both.
+    Prints both lists.
     """
     import keras
 
     from tuner import study as studies
-    from tuner.budget import Claimer
     from tuner.spec import load_spec
     from tuner.storage import open_storage
     from tuner.tfsetup import init_tensorflow
-    from tuner.worker import SqlRecorder, artifact_store
+    from tuner.worker import work
 
     init_tensorflow()
     from tuner.data import load_arrays, make_datasets
     from tuner.space import sample
-    from tuner.trial import build_model, run_trial, with_shape
+    from tuner.trial import build_model, with_shape
 
     spec = load_spec(args.study_file)
     storage = open_storage(args.storage)
@@ -156,37 +159,41 @@ def _warm(args) -> None:  # noqa: ANN001
     study, spec = studies.load(spec.name, storage)
     arrays = load_arrays(spec.data, seed=spec.seed or 0)
     datasets = make_datasets(arrays, spec.model.batch_size, seed=spec.seed or 0)
-    store = artifact_store(study, args.artifacts)
     hp = with_shape(sample(optuna_fixed(), spec), arrays)
 
-    def bare() -> float:
-        t = time.perf_counter()
+    def clocks() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def bare() -> tuple[float, float]:
+        wall, cpu = clocks()
         keras.utils.set_random_seed(spec.seed or 0)
         model = build_model(hp, spec, seed=spec.seed, scale=arrays.scale)
         model.fit(datasets[0], validation_data=datasets[1], epochs=spec.model.epochs,
                   verbose=0)
-        took = time.perf_counter() - t
         del model
         keras.backend.clear_session(free_memory=False)  # as tuner does between trials
-        return took
-
-    claimer = Claimer(study, storage)
-
-    def trial() -> float:
-        t = time.perf_counter()
-        claimed = claimer.claim()
-        tr = claimed.trial
-        result = run_trial(tr, spec, arrays, datasets, store, prune_from=None,
-                           recorder=SqlRecorder(tr, storage, claimed.trial_id))
-        study.tell(tr, result.val_loss)
-        return time.perf_counter() - t
+        end = clocks()
+        return end[0] - wall, end[1] - cpu
 
     bare()  # warm-up: first-call imports and one-time TensorFlow set-up
-    bares, trials = [], []
-    for _ in range(args.warm):
-        bares.append(bare())
-        trials.append(trial())
-    print("BENCH_JSON " + json.dumps({"bare": bares, "tuner": trials}), flush=True)
+    out: dict[str, list[float]] = {"bare": [], "tuner": [], "bare_cpu": [], "tuner_cpu": []}
+    since, hooks = [clocks()], [0]
+
+    def after_trial(outcome) -> None:  # noqa: ANN001
+        took = [a - b for a, b in zip(clocks(), since[0], strict=True)]
+        if outcome.state != "COMPLETE":
+            raise RuntimeError(f"the overhead study's trial ended {outcome.state}")
+        b = bare()
+        hooks[0] += 1
+        if hooks[0] > 1:  # the first trial holds the worker's set-up
+            for key, value in (("tuner", took[0]), ("tuner_cpu", took[1]), ("bare", b[0]),
+                               ("bare_cpu", b[1])):
+                out[key].append(value)
+        since[0] = clocks()
+
+    work(storage, study, spec, n_trials=args.warm + 1, artifacts=args.artifacts,
+         progress=after_trial)
+    print("BENCH_JSON " + json.dumps(out), flush=True)
 
 
 def optuna_fixed():  # noqa: ANN201
