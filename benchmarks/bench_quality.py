@@ -272,8 +272,15 @@ def _available() -> tuple[list[str], dict[str, str]]:
 def main() -> None:
     args = parse_args(__doc__, lambda p: (
         p.add_argument("--seeds", type=int, default=5),
+        p.add_argument("--first-seed", type=int, default=0,
+                       help="seeds first-seed .. first-seed + seeds - 1: to split a run"),
         p.add_argument("--datasets", nargs="+"),
-        p.add_argument("--contenders", nargs="+", choices=CONTENDERS)))
+        p.add_argument("--contenders", nargs="+", choices=CONTENDERS),
+        p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                       help="instead: the tables of several runs' quality.json together")))
+    if args.merge:
+        _merge(args)
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import optuna
 
@@ -284,7 +291,7 @@ def main() -> None:
     contenders, skipped = _available()
     if args.contenders:
         contenders = [c for c in contenders if c in args.contenders or c == "tuner"]
-    seeds = [0] if args.quick else list(range(args.seeds))
+    seeds = [0] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     data = datasets(args.out / "data", args.datasets)
     budgets = {d.name: (12 if args.quick else BUDGETS[d.name]) for d in data}
     runs: list[dict[str, Any]] = []
@@ -314,17 +321,44 @@ def main() -> None:
                           f"(acc {r['test_accuracy']:.4f}), val {r['val_loss']:.4f}, "
                           f"{r['epochs']} epochs, {r['trials']} trials, {r['wall_s']:.1f}s",
                           flush=True)
-            pick = next(r for r in runs if r["dataset"] == ds.name and r["seed"] == seeds[0]
-                        and r["contender"] == "tuner")
-            noise[ds.name] = _noise(_Setup(ds, tmp, seeds[0]), pick["params"],
-                                    2 if args.quick else NOISE_SEEDS)
-            print(f"{ds.name}: retraining tuner's pick with {NOISE_SEEDS} seeds: test loss "
-                  f"std {noise[ds.name]['test_loss']['std']:.4f}", flush=True)
+                if seed == seeds[0]:  # the noise yardstick first, so every partial has one
+                    pick = next(r for r in runs if r["dataset"] == ds.name
+                                and r["seed"] == seed and r["contender"] == "tuner")
+                    noise[ds.name] = _noise(_Setup(ds, tmp, seed), pick["params"],
+                                            2 if args.quick else NOISE_SEEDS)
+                    print(f"{ds.name}: retraining tuner's pick with {NOISE_SEEDS} seeds: test "
+                          f"loss std {noise[ds.name]['test_loss']['std']:.4f}", flush=True)
+                # Written after every seed: a run cut short still leaves its complete seeds.
+                done = [d for d in data if d.name in noise]
+                summary, goal, paired = _summarize(runs, noise, contenders, done)
+                write_result(args, "quality", {
+                    "seeds": sorted({r["seed"] for r in runs}), "seeds_asked": seeds,
+                    "budgets": budgets, "runs": runs, "summary": summary, "goal": goal,
+                    "paired": paired, "noise": noise, "skipped": skipped},
+                    _tables(runs, summary, goal, paired, noise, contenders, done))
+
+
+def _merge(args: Any) -> None:
+    """One set of tables from runs split by dataset or seed (each its own process): the
+    runs together; for each dataset, the noise yardstick of the part with its lowest seed."""
+    import json
+
+    parts = [json.loads(path.read_text()) for path in args.merge]
+    runs = [r for part in parts for r in part["runs"]]
+    noise: dict[str, Any] = {}
+    for part in sorted(parts, key=lambda part: min(part["seeds"]), reverse=True):
+        noise.update(part["noise"])
+    names = list(dict.fromkeys(r["dataset"] for r in runs))
+    data = [d for name in names for d in datasets(args.out / "data", [name])]
+    contenders = list(dict.fromkeys(r["contender"] for r in runs))
     summary, goal, paired = _summarize(runs, noise, contenders, data)
-    write_result(args, "quality", {"seeds": seeds, "budgets": budgets, "runs": runs,
-                                   "summary": summary, "goal": goal, "paired": paired,
-                                   "noise": noise, "skipped": skipped},
-                 _tables(runs, summary, goal, paired, noise, contenders, data))
+    write_result(args, "quality", {
+        "merged": [str(p) for p in args.merge], "commands": [p["command"] for p in parts],
+        "seeds": sorted({r["seed"] for r in runs}),
+        "budgets": {k: v for part in parts for k, v in part["budgets"].items()},
+        "runs": runs, "summary": summary, "goal": goal, "paired": paired, "noise": noise,
+        "skipped": parts[0]["skipped"]},
+        _tables(runs, summary, goal, paired, noise, contenders, data))
 
 
 def _summarize(runs: list[dict[str, Any]], noise: dict[str, Any], contenders: list[str],
