@@ -62,6 +62,16 @@ def test_the_trend_rule_stops_a_levelled_off_trial_right_after_its_warm_up() -> 
     assert _first_pruned_epoch(median, stuck) == 6
 
 
+def test_the_trend_rule_stops_a_trial_levelling_off_at_a_bad_loss_once_its_gains_shrink(
+        ) -> None:
+    """Still improving, but by less each epoch, towards a loss worse than the median trial's
+    best: stopped after epoch 3, once two shrinking gains are seen. A straight-line projection
+    of the last gains would have let it train until epoch 7 or later."""
+    levelling = [1.0, 0.6, 0.45, 0.42, 0.41, 0.405] + [0.40] * 14
+    trend = _study_with_light_trials(make_pruner(spec_for(20, "trend")), LIGHT)
+    assert _first_pruned_epoch(trend, levelling) == 3
+
+
 @pytest.mark.parametrize("pruner", ["median", "trend", "hyperband", "successive-halving"])
 def test_no_pruner_stops_a_trial_within_the_warm_up(pruner: str) -> None:
     spec = spec_for(20, pruner)

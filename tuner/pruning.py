@@ -68,16 +68,20 @@ class TrendPruner(optuna.pruners.BasePruner):
 
     A trial is stopped at the end of epoch ``e`` (from ``first_epoch`` on) when the best value
     it reached so far is worse than the median of the completed trials at epoch ``e``, *and*
-    even its optimistic future cannot reach the median completed trial's best value: its
-    improvement over the last two epochs, kept up for every epoch left, would still fall
-    short. A slow starter that is still learning fast is spared; one that levelled off at a
-    bad loss is stopped as soon as the warm-up allows.
+    even its projected future cannot reach the median completed trial's best value. The
+    projection assumes that each epoch's improvement shrinks by the ratio the last two showed
+    (learning curves flatten geometrically), at most ``max_ratio``, and the generous
+    ``max_ratio`` while only one improvement is known. A slow starter still learning fast (its
+    improvements not shrinking) is spared; one that levels off at a bad loss is stopped as
+    soon as its improvements shrink, a few epochs after the warm-up, not at the end: a
+    straight-line projection (each epoch gaining what the last did) spares nearly every trial
+    early on, when every curve still falls fast.
     """
 
     def __init__(self, first_epoch: int, max_epochs: int,
-                 n_startup_trials: int = STARTUP_TRIALS, window: int = 2) -> None:
+                 n_startup_trials: int = STARTUP_TRIALS, max_ratio: float = 0.9) -> None:
         self.first_epoch, self.max_epochs = first_epoch, max_epochs
-        self.n_startup_trials, self.window = n_startup_trials, window
+        self.n_startup_trials, self.max_ratio = n_startup_trials, max_ratio
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
@@ -97,7 +101,16 @@ class TrendPruner(optuna.pruners.BasePruner):
         best = min(values)
         if best <= statistics.median(at_step):
             return False
-        k = min(self.window, len(values) - 1)
-        rate = max(0.0, (values[-1 - k] - values[-1]) / k) if k > 0 else 0.0
-        hopeful = best - rate * max(0, self.max_epochs - step)
-        return hopeful > statistics.median(finals)
+        return best - self._still_to_gain(values, step) > statistics.median(finals)
+
+    def _still_to_gain(self, values: list[float], step: int) -> float:
+        """The improvement the rest of the epochs may bring: the latest gain, shrinking by
+        the ratio of the last two gains in every epoch left (a geometric series)."""
+        gains = [max(0.0, a - b) for a, b in zip(values, values[1:], strict=False)]
+        if not gains or gains[-1] <= 0.0:
+            return 0.0
+        ratio = self.max_ratio
+        if len(gains) >= 2 and gains[-2] > 0.0:
+            ratio = min(self.max_ratio, gains[-1] / gains[-2])
+        left = max(0, self.max_epochs - step)
+        return gains[-1] * ratio * (1 - ratio ** left) / (1 - ratio)
