@@ -44,7 +44,9 @@ def main() -> None:
                        help="seeds first-seed .. first-seed + seeds - 1: to split a run"),
         p.add_argument("--trials", type=int, default=24),
         p.add_argument("--datasets", nargs="+"),
-        p.add_argument("--settings", nargs="+", help="labels to run (default: all)"),
+        p.add_argument("--settings", nargs="+",
+                       help="labels to run (default: all); a setting is compared with the "
+                            "'none' run of its seed, in this run or in one merged with it"),
         p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                        help="instead: the tables of several runs' pruning.json together")))
     if args.merge:
@@ -60,7 +62,7 @@ def main() -> None:
     seeds = [0] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     n_trials = 3 if args.quick else args.trials
     settings = SETTINGS[:2] if args.quick else [
-        s for s in SETTINGS if not args.settings or s[0] in args.settings or s[0] == "none"]
+        s for s in SETTINGS if not args.settings or s[0] in args.settings]
     import optuna
 
     from tuner import study as studies
