@@ -43,6 +43,17 @@ def datasets(cache: Path, names: list[str] | None = None) -> list[Dataset]:
     return [d for d in found if names is None or d.name in names]
 
 
+def merged_parts(paths: list[Path], cache: Path) -> tuple[list[dict], list[dict], list[Dataset]]:
+    """The JSON results of a run split over processes: each part, their runs together, and
+    the datasets those runs name (for ``--merge``)."""
+    import json
+
+    parts = [json.loads(path.read_text()) for path in paths]
+    runs = [r for part in parts for r in part["runs"]]
+    names = list(dict.fromkeys(r["dataset"] for r in runs))
+    return parts, runs, [d for name in names for d in datasets(cache, [name])]
+
+
 def _mnist_500(cache: Path) -> Path:
     path = cache / "mnist-500.npz"
     if path.is_file():

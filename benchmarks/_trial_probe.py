@@ -177,19 +177,20 @@ def _warm(args) -> None:  # noqa: ANN001
 
     bare()  # warm-up: first-call imports and one-time TensorFlow set-up
     out: dict[str, list[float]] = {"bare": [], "tuner": [], "bare_cpu": [], "tuner_cpu": []}
-    since, hooks = [clocks()], [0]
+    since, hooks = clocks(), 0
 
     def after_trial(outcome) -> None:  # noqa: ANN001
-        took = [a - b for a, b in zip(clocks(), since[0], strict=True)]
+        nonlocal since, hooks
+        took = [a - b for a, b in zip(clocks(), since, strict=True)]
         if outcome.state != "COMPLETE":
             raise RuntimeError(f"the overhead study's trial ended {outcome.state}")
         b = bare()
-        hooks[0] += 1
-        if hooks[0] > 1:  # the first trial holds the worker's set-up
+        hooks += 1
+        if hooks > 1:  # the first trial holds the worker's set-up
             for key, value in (("tuner", took[0]), ("tuner_cpu", took[1]), ("bare", b[0]),
                                ("bare_cpu", b[1])):
                 out[key].append(value)
-        since[0] = clocks()
+        since = clocks()
 
     work(storage, study, spec, n_trials=args.warm + 1, artifacts=args.artifacts,
          progress=after_trial)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import parse_args, spread, table, throwaway_database, write_result
-from _datasets import datasets, study_file
+from _datasets import datasets, merged_parts, study_file
 
 # (label, pruner, pruner_warmup): None = tuner's default warm-up
 SETTINGS = [("none", "none", None), ("median (default warm-up)", "median", None),
@@ -50,14 +50,10 @@ def main() -> None:
         p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                        help="instead: the tables of several runs' pruning.json together")))
     if args.merge:
-        import json
-
-        parts = [json.loads(path.read_text()) for path in args.merge]
-        runs = [r for part in parts for r in part["runs"]]
-        names = list(dict.fromkeys(r["dataset"] for r in runs))
-        _report(args, runs, [d for n in names for d in datasets(args.out / "data", [n])],
-                parts[0]["n_trials"], {"merged": [str(p) for p in args.merge],
-                                       "commands": [part["command"] for part in parts]})
+        parts, runs, data = merged_parts(args.merge, args.out / "data")
+        _report(args, runs, data, parts[0]["n_trials"],
+                {"merged": [str(p) for p in args.merge],
+                 "commands": [part["command"] for part in parts]})
         return
     seeds = [0] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     n_trials = 3 if args.quick else args.trials

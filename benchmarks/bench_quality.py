@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import parse_args, spread, table, throwaway_database, write_result
-from _datasets import Dataset, datasets, study_file
+from _datasets import Dataset, datasets, merged_parts, study_file
 
 CONTENDERS = ("tuner", "tuner+confirm", "optuna", "kerastuner-hyperband", "kerastuner-random",
               "textbook")
@@ -341,15 +341,10 @@ def main() -> None:
 def _merge(args: Any) -> None:
     """One set of tables from runs split by dataset or seed (each its own process): the
     runs together; for each dataset, the noise yardstick of the part with its lowest seed."""
-    import json
-
-    parts = [json.loads(path.read_text()) for path in args.merge]
-    runs = [r for part in parts for r in part["runs"]]
+    parts, runs, data = merged_parts(args.merge, args.out / "data")
     noise: dict[str, Any] = {}
     for part in sorted(parts, key=lambda part: min(part["seeds"]), reverse=True):
         noise.update(part["noise"])
-    names = list(dict.fromkeys(r["dataset"] for r in runs))
-    data = [d for name in names for d in datasets(args.out / "data", [name])]
     contenders = list(dict.fromkeys(r["contender"] for r in runs))
     summary, goal, paired = _summarize(runs, noise, contenders, data)
     write_result(args, "quality", {

@@ -2,8 +2,7 @@
 
 Every completed trial among the study's best ``keep_models`` uploaded its best-epoch model as
 an Optuna artifact (see :func:`tuner.trial.save_model`), so exporting is a download, not a
-retrain. No
-TensorFlow is needed here: the file is copied as stored.
+retrain. No TensorFlow is needed here: the file is copied as stored.
 """
 
 from __future__ import annotations

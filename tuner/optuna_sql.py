@@ -16,9 +16,11 @@ write exactly the rows Optuna writes.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
 import sqlalchemy
+from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX, ArtifactMeta
 
 _text = sqlalchemy.text
 
@@ -172,6 +174,14 @@ def set_trial_user_attrs(conn: sqlalchemy.Connection, trial_id: int,
          for key, value in values.items()])
 
 
+def artifact_record(artifact_id: str, filename: str, mimetype: str) -> tuple[str, str]:
+    """The trial system attribute (key, value) by which Optuna's ``upload_artifact`` records
+    an artifact, and optuna-dashboard lists it: to write with other attributes at once."""
+    meta = ArtifactMeta(artifact_id=artifact_id, filename=filename, mimetype=mimetype,
+                        encoding=None)
+    return ARTIFACTS_ATTR_PREFIX + artifact_id, json.dumps(asdict(meta))
+
+
 def set_trial_system_attrs(conn: sqlalchemy.Connection, trial_id: int,
                            values: dict[str, Any]) -> None:
     """Several system attributes of one trial in one statement, encoded as Optuna's
@@ -235,4 +245,4 @@ def forget_model(conn: sqlalchemy.Connection, trial_id: int, key: str,
     conn.execute(_text(
         "UPDATE trial_system_attributes SET value_json = 'null' "
         "WHERE trial_id = :tid AND key = :key"),
-        {"tid": trial_id, "key": f"artifacts:{artifact_id}"})
+        {"tid": trial_id, "key": ARTIFACTS_ATTR_PREFIX + artifact_id})

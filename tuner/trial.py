@@ -15,7 +15,6 @@ once on the test split, if the data has one; the test never takes part in select
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -23,16 +22,15 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import keras
 import numpy as np
 import optuna
-from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX, ArtifactMeta
 
-from tuner import attrs
+from tuner import attrs, optuna_sql
 from tuner.augment import build_augmentation
 from tuner.data import Arrays, Datasets
 from tuner.models import resolve_family
@@ -42,6 +40,7 @@ from tuner.spec import StudySpec
 MONITOR = "val_xent"
 TRAIN_LOSS = "train_xent_inference"  # the reporter adds it to each epoch's logs
 MODEL_ARTIFACT = "model.keras"
+MODEL_MIMETYPE = "application/octet-stream"
 
 
 class TrialDiverged(RuntimeError):
@@ -237,8 +236,9 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
         system: dict[str, Any] = {}
         if result.pruned_at is None and artifact_store is not None \
                 and (keep_model is None or keep_model(result.val_loss)):
-            figures[attrs.MODEL_ARTIFACT], key, meta = save_model(model, artifact_store)
-            system[key] = meta
+            artifact_id = figures[attrs.MODEL_ARTIFACT] = save_model(model, artifact_store)
+            key, record = optuna_sql.artifact_record(artifact_id, MODEL_ARTIFACT, MODEL_MIMETYPE)
+            system[key] = record
         recorder.attrs(figures, system)  # the model's record in the same write
         if result.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned at epoch {result.pruned_at}")
@@ -250,20 +250,17 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
 
 
 def save_model(model: keras.Model, artifact_store: optuna.artifacts.FileSystemArtifactStore
-               ) -> tuple[str, str, str]:
-    """Write the (best-epoch) model to the store as ``model.keras``.
+               ) -> str:
+    """Write the (best-epoch) model to the store as ``model.keras``; its artifact id.
 
-    Returns the artifact id and the system attribute (key, JSON) by which Optuna's
-    ``upload_artifact`` would record it (optuna-dashboard lists and downloads it from there):
-    the caller writes it with the trial's other attributes, in one transaction, rather than
-    in the two or three that ``upload_artifact`` and ``set_user_attr`` take.
+    Only the file: the caller records it (:func:`tuner.optuna_sql.artifact_record`) with the
+    trial's other attributes, in one transaction, where ``upload_artifact`` and
+    ``set_user_attr`` would take two or three more.
     """
     artifact_id = str(uuid.uuid4())
-    meta = ArtifactMeta(artifact_id=artifact_id, filename=MODEL_ARTIFACT,
-                        mimetype="application/octet-stream", encoding=None)
     with tempfile.TemporaryDirectory(prefix="tuner-") as tmp:
         path = Path(tmp) / MODEL_ARTIFACT
         model.save(path)
         with path.open("rb") as f:
             artifact_store.write(artifact_id, f)
-    return artifact_id, ARTIFACTS_ATTR_PREFIX + artifact_id, json.dumps(asdict(meta))
+    return artifact_id
