@@ -66,10 +66,18 @@ def test_image_folder_needs_two_classes(tmp_path: Path) -> None:
 
 def test_pipelines_batch_and_keep_the_validation_order() -> None:
     arrays = load_arrays(DataSpec(source="digits", limit=100))
-    train, val, _, _ = make_datasets(arrays, batch_size=16)
-    labels = np.concatenate([y.numpy() for _, y in val])
+    datasets = make_datasets(arrays, batch_size=16)
+    labels = np.concatenate([y.numpy() for _, y in datasets.val])
     np.testing.assert_array_equal(labels, arrays.y_val)
-    assert next(iter(train))[0].shape[1:] == (8, 8, 1)
+    assert next(iter(datasets.train))[0].shape[1:] == (8, 8, 1)
+    # the validation pass of a trial: validation images weighted 1, the training sample 0
+    batches = list(datasets.val_and_train_sample)
+    labels = np.concatenate([y.numpy() for _, y, _ in batches])
+    weights = np.concatenate([w.numpy() for _, _, w in batches])
+    np.testing.assert_array_equal(labels, np.concatenate([arrays.y_val,
+                                                          datasets.train_sample[1]]))
+    np.testing.assert_array_equal(weights, [1] * len(arrays.y_val) + [0] * len(labels[
+        len(arrays.y_val):]))
 
 
 def test_npz_test_part_is_kept_apart(tmp_path: Path) -> None:

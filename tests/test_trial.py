@@ -210,8 +210,40 @@ def test_the_workers_recorder_writes_what_optuna_and_the_pruner_read(arrays, any
     other = study.ask()
     recorder = SqlRecorder(other, storage, other._trial_id)
     recorder.epoch(1, 0.5, {"val_loss": [0.5]})
+    recorder.flush()
     storage.set_trial_state_values(other._trial_id, state=optuna.trial.TrialState.FAIL)
+    recorder.epoch(2, 0.4, {"val_loss": [0.5, 0.4]})  # written behind training: refused there
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
-        recorder.epoch(2, 0.4, {"val_loss": [0.5, 0.4]})
+        recorder.flush()
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        recorder.epoch(3, 0.3, {"val_loss": [0.5, 0.4, 0.3]})
+    recorder.close()
     assert study.trials[1].intermediate_values == {1: 0.5}
+    assert study.trials[1].user_attrs["curve"] == {"val_loss": [0.5]}
+    storage.engine.dispose()
+
+
+def test_epochs_written_behind_training_arrive_in_order_and_before_the_last_attributes(
+        any_url) -> None:
+    """The recorder's thread writes what training reported, every epoch in order, even when
+    the epochs come faster than the database takes them; attrs() waits for all of them."""
+    from tuner.storage import open_storage
+    from tuner.worker import SqlRecorder
+
+    storage = open_storage(any_url)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    recorder = SqlRecorder(trial, storage, trial._trial_id)
+    curve: dict[str, list[float]] = {"val_loss": []}
+    for step in range(1, 41):
+        curve["val_loss"].append(1.0 / step)  # the reporter grows one list in place
+        recorder.epoch(step, 1.0 / step, curve)
+        assert trial._cached_frozen_trial.intermediate_values[step] == 1.0 / step  # at once
+    recorder.attrs({"epochs_run": 40})
+    frozen = storage.get_trial(trial._trial_id)
+    assert frozen.intermediate_values == {s: pytest.approx(1.0 / s) for s in range(1, 41)}
+    assert frozen.user_attrs["curve"]["val_loss"] == pytest.approx(curve["val_loss"])
+    assert frozen.user_attrs["epochs_run"] == 40
+    recorder.close()
+    assert not recorder._thread.is_alive()
     storage.engine.dispose()

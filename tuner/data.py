@@ -70,6 +70,9 @@ class Datasets(NamedTuple):
     val: tf.data.Dataset
     train_sample: tuple[np.ndarray, np.ndarray]  # fixed, as large as val: for the train loss
     test: tf.data.Dataset | None
+    # The validation images (weight 1), then the training sample (weight 0), as
+    # ``(x, y, weight)``: one validation pass measures both losses (see tuner.trial).
+    val_and_train_sample: tf.data.Dataset | None = None
 
 
 def check_source(data: DataSpec) -> None:
@@ -114,10 +117,16 @@ def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0) -> Datasets:
 
     sample = np.random.default_rng(seed).permutation(len(arrays.x_train))[:len(arrays.x_val)]
     sample.sort()
+    x_sample, y_sample = arrays.x_train[sample], arrays.y_train[sample]
     test = (pipeline(arrays.x_test, arrays.y_test) if arrays.has_test else None)
+    weights = np.concatenate([np.ones(len(arrays.y_val), np.float32),
+                              np.zeros(len(y_sample), np.float32)])
+    both = tf.data.Dataset.from_tensor_slices(
+        (np.concatenate([arrays.x_val, x_sample]), np.concatenate([arrays.y_val, y_sample]),
+         weights))
     return Datasets(pipeline(arrays.x_train, arrays.y_train, shuffle=True),
-                    pipeline(arrays.x_val, arrays.y_val),
-                    (arrays.x_train[sample], arrays.y_train[sample]), test)
+                    pipeline(arrays.x_val, arrays.y_val), (x_sample, y_sample), test,
+                    both.cache().batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 # --- splits ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ a sweep for dead workers needs a count or a few ids. These queries use the ``stu
 
 Three write, where Optuna's API takes a transaction per value or refuses a finished trial: a
 trial's attributes together (:func:`set_trial_user_attrs`, an upsert keyed as Optuna's unique
-constraint is), one epoch's report (:func:`report_epoch`: the intermediate value and the
+constraint is), one epoch's report (:func:`report_epochs`: the intermediate value and the
 curves in one transaction, where ``Trial.report`` and an attribute write take two), and
 forgetting a deleted model (:func:`forget_model`, as optuna-dashboard's own delete does). They
 write exactly the rows Optuna writes.
@@ -194,22 +194,23 @@ def set_trial_system_attrs(conn: sqlalchemy.Connection, trial_id: int,
          for key, value in values.items()])
 
 
-def report_epoch(conn: sqlalchemy.Connection, trial_id: int, step: int, value: float,
-                 values: dict[str, Any]) -> bool:
-    """A finite intermediate value at ``step`` and user attributes of a RUNNING trial, as
+def report_epochs(conn: sqlalchemy.Connection, trial_id: int,
+                  reports: list[tuple[int, float]], values: dict[str, Any]) -> bool:
+    """Finite intermediate values ``(step, value)`` and user attributes of a RUNNING trial, as
     ``Trial.report`` and :func:`set_trial_user_attrs` write them; ``False`` (and nothing
     written) when the trial is no longer running: another worker judged it dead."""
-    written = conn.execute(_text(
-        "INSERT INTO trial_intermediate_values "
-        "(trial_id, step, intermediate_value, intermediate_value_type) "
-        "SELECT trial_id, :step, :value, 'FINITE' FROM trials "
-        "WHERE trial_id = :tid AND state = 'RUNNING' "
-        "ON CONFLICT (trial_id, step) DO UPDATE SET "
-        "intermediate_value = excluded.intermediate_value, "
-        "intermediate_value_type = excluded.intermediate_value_type"),
-        {"tid": trial_id, "step": step, "value": value}).rowcount
-    if not written:
-        return False
+    for step, value in reports:
+        written = conn.execute(_text(
+            "INSERT INTO trial_intermediate_values "
+            "(trial_id, step, intermediate_value, intermediate_value_type) "
+            "SELECT trial_id, :step, :value, 'FINITE' FROM trials "
+            "WHERE trial_id = :tid AND state = 'RUNNING' "
+            "ON CONFLICT (trial_id, step) DO UPDATE SET "
+            "intermediate_value = excluded.intermediate_value, "
+            "intermediate_value_type = excluded.intermediate_value_type"),
+            {"tid": trial_id, "step": step, "value": value}).rowcount
+        if not written:
+            return False
     set_trial_user_attrs(conn, trial_id, values)
     return True
 

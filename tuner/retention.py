@@ -28,6 +28,9 @@ class Retention:
     def __init__(self, claimer: Claimer, store: optuna.artifacts.FileSystemArtifactStore,
                  keep: int | None) -> None:
         self.claimer, self.store, self.keep = claimer, store, keep
+        # Whether this worker saved a model since it last pruned; at first, yes: the study's
+        # K may have been lowered since the models there were saved.
+        self._saved = True
 
     def qualifies(self, value: float) -> bool:
         """Whether a trial that just reached ``value`` is among the best K."""
@@ -36,12 +39,17 @@ class Retention:
         if self.keep == 0:
             return False
         kept = retry_on_disconnect(self.claimer.storage, self._kept)
-        return len(kept) < self.keep or value < kept[self.keep - 1][2]
+        if len(kept) < self.keep or value < kept[self.keep - 1][2]:
+            self._saved = True
+            return True
+        return False
 
     def prune(self) -> int:
-        """Delete the models beyond the best K; how many went."""
-        if self.keep is None:
+        """Delete the models beyond the best K; how many went. Only after this worker saved
+        one: every worker prunes after its own saves, so the K hold without the others'."""
+        if self.keep is None or not self._saved:
             return 0
+        self._saved = False
         storage = self.claimer.storage
         # a lock of its own: deleting files never holds up a worker's claim
         with study_lock(storage, self.claimer.study.study_name, "models"):

@@ -9,8 +9,12 @@ The training loss is measured the way validation is: in inference mode (no dropo
 augmentation), without the penalty, on a fixed training sample as large as the validation set,
 at every epoch. Keras' own training loss is a running mean under dropout and augmentation, so
 a strongly regularized model would show a large training loss and a small or even negative
-gap; it is kept as ``train_loss_training_mode``. A completed trial's best-epoch model is scored
-once on the test split, if the data has one; the test never takes part in selection.
+gap; it is kept as ``train_loss_training_mode``. The sample rides along in Keras' own
+validation pass, with weight 0: the weighted metrics (``val_xent``, ``val_accuracy``) see only
+the validation images, an unweighted one (``val_xent_pooled``) sees both, and the sample's loss
+follows from the two. A pass of its own would trace a predict function for every model.
+A completed trial's best-epoch model is scored once on the test split, if the data has one;
+the test never takes part in selection.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import keras
-import numpy as np
 import optuna
 
 from tuner import attrs, optuna_sql
@@ -38,6 +41,7 @@ from tuner.space import Hyperparams, sample
 from tuner.spec import StudySpec
 
 MONITOR = "val_xent"
+POOLED = "xent_pooled"  # unweighted: validation images and the training sample together
 TRAIN_LOSS = "train_xent_inference"  # the reporter adds it to each epoch's logs
 MODEL_ARTIFACT = "model.keras"
 MODEL_MIMETYPE = "application/octet-stream"
@@ -78,6 +82,11 @@ def build_model(hp: Hyperparams, spec: StudySpec, seed: int | None = None,
                 scale: float = 1.0) -> keras.Model:
     """Rescaling to [0, 1] (by ``scale``, see :attr:`tuner.data.Arrays.scale`) and the
     augmentation layers in front of the family's network, compiled for the search."""
+    return _build(hp, spec, seed, scale, pooled=False)
+
+
+def _build(hp: Hyperparams, spec: StudySpec, seed: int | None, scale: float,
+           pooled: bool) -> keras.Model:
     body = resolve_family(spec.model.family)(hp)
     inputs = keras.Input(hp.input_shape, name="image")
     x = inputs
@@ -87,11 +96,14 @@ def build_model(hp: Hyperparams, spec: StudySpec, seed: int | None = None,
     if augmentation is not None:
         x = augmentation(x)
     model = keras.Model(inputs, body(x), name=f"tuner_{body.name}")
+    # Weighted metrics: without sample weights (training, a user's evaluate) they are the
+    # plain ones; with the weights of ``val_and_train_sample`` they see validation only.
     model.compile(
         optimizer=keras.optimizers.Adam(hp.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalCrossentropy(name="xent"),
-                 keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        weighted_metrics=[keras.metrics.SparseCategoricalCrossentropy(name="xent"),
+                          keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        metrics=[keras.metrics.SparseCategoricalCrossentropy(name=POOLED)] if pooled else None,
     )
     return model
 
@@ -138,11 +150,11 @@ class _EpochReporter(keras.callbacks.Callback):
     """
 
     def __init__(self, trial: optuna.Trial, recorder: Recorder, started: float,
-                 train_sample: tuple[np.ndarray, np.ndarray], prune_from: int | None) -> None:
+                 sizes: tuple[int, int], prune_from: int | None) -> None:
         super().__init__()
         self.trial, self.recorder = trial, recorder
         self.started = started
-        self.train_sample = train_sample
+        self.n_val, self.n_sample = sizes  # validation images, training sample images
         self.prune_from = prune_from
         self.history: list[dict[str, float]] = []
         self.curve: dict[str, list[float]] = {"t": [], "train_loss": [], "val_loss": []}
@@ -156,7 +168,8 @@ class _EpochReporter(keras.callbacks.Callback):
             if not math.isfinite(logs.get(key, float("nan"))):
                 raise TrialDiverged(f"{key.replace('xent', 'loss')} became "
                                     f"{logs.get(key)} at epoch {epoch + 1}")
-        logs[TRAIN_LOSS] = inference_xent(self.model, *self.train_sample)
+        logs[TRAIN_LOSS] = _sample_loss(logs["val_" + POOLED], float(value), self.n_val,
+                                       self.n_sample)
         self.curve["t"].append(round(time.perf_counter() - self.started, 2))
         self.curve["train_loss"].append(round(logs[TRAIN_LOSS], 5))
         self.curve["val_loss"].append(round(float(value), 5))
@@ -167,19 +180,10 @@ class _EpochReporter(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def inference_xent(model: keras.Model, x: np.ndarray, y: np.ndarray,
-                   chunk: int = 1024) -> float:
-    """Cross-entropy of ``model`` on ``(x, y)`` in inference mode, as the ``xent`` metric
-    computes it (probabilities clipped to Keras' epsilon), without the L2 penalty.
-
-    ``predict_on_batch`` in chunks: about 1 % of an epoch of the demo, against 20 % for
-    ``model.evaluate``, whose iterator and callbacks are set up anew on every call.
-    """
-    probabilities = np.concatenate([keras.ops.convert_to_numpy(model.predict_on_batch(
-        x[i:i + chunk])) for i in range(0, len(x), chunk)])
-    eps = keras.config.epsilon()
-    picked = np.clip(probabilities[np.arange(len(y)), y], eps, 1 - eps)
-    return float(-np.mean(np.log(picked)))
+def _sample_loss(pooled: float, val: float, n_val: int, n_sample: int) -> float:
+    """The training sample's mean loss, from the mean over validation and sample together
+    (``pooled``) and the validation mean (``val``)."""
+    return (float(pooled) * (n_val + n_sample) - val * n_val) / n_sample
 
 
 def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Datasets,
@@ -204,13 +208,15 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
     seed = None if spec.seed is None else spec.seed + trial.number
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    model = build_model(hp, spec, seed=seed, scale=arrays.scale)
-    reporter = _EpochReporter(trial, recorder, started, datasets.train_sample, prune_from)
+    model = _build(hp, spec, seed, arrays.scale, pooled=True)
+    validation = datasets.val_and_train_sample
+    reporter = _EpochReporter(trial, recorder, started,
+                              (len(arrays.y_val), len(datasets.train_sample[1])), prune_from)
     stopper = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="min",
                                             patience=spec.model.patience,
                                             restore_best_weights=True)
     try:
-        model.fit(datasets.train, validation_data=datasets.val, epochs=spec.model.epochs,
+        model.fit(datasets.train, validation_data=validation, epochs=spec.model.epochs,
                   verbose=0,
                   shuffle=False,  # the tf.data pipeline shuffles
                   callbacks=[reporter, stopper])
@@ -221,7 +227,9 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
             val_accuracy=float(history[best]["val_accuracy"]),
             train_loss=history[best][TRAIN_LOSS],
             train_loss_training_mode=float(history[best]["xent"]),
-            keras_val_loss=float(history[best]["val_loss"]),
+            # Keras' val_loss is the data loss plus l2·Σw² (restored: the best epoch's
+            # weights); its own figure averaged the weight-0 sample in
+            keras_val_loss=float(history[best][MONITOR]) + _penalty(model),
             best_epoch=best + 1,
             epochs_run=len(history),
             pruned_at=reporter.pruned_at,
@@ -249,6 +257,11 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
         keras.backend.clear_session(free_memory=False)
 
 
+def _penalty(model: keras.Model) -> float:
+    """The regularization losses (``l2 · Σw²``) Keras adds to its loss."""
+    return float(sum(float(keras.ops.convert_to_numpy(x)) for x in model.losses))
+
+
 def save_model(model: keras.Model, artifact_store: optuna.artifacts.FileSystemArtifactStore
                ) -> str:
     """Write the (best-epoch) model to the store as ``model.keras``; its artifact id.
@@ -260,7 +273,31 @@ def save_model(model: keras.Model, artifact_store: optuna.artifacts.FileSystemAr
     artifact_id = str(uuid.uuid4())
     with tempfile.TemporaryDirectory(prefix="tuner-") as tmp:
         path = Path(tmp) / MODEL_ARTIFACT
-        model.save(path)
+        _save_keras(model, path)
         with path.open("rb") as f:
             artifact_store.write(artifact_id, f)
     return artifact_id
+
+
+_SKIPSETS: dict[str, Any] = {}  # attribute names Keras' saving skips, per kind of object
+
+
+def _save_keras(model: keras.Model, path: Path) -> None:
+    """``model.save(path)``, without finding again what an earlier save found.
+
+    For each kind of object (layer, optimizer, metric...) Keras' saving builds a throwaway
+    one to learn which attribute names to skip, 40 % of a small model's save. It means to
+    keep them in its global state, but stores them under another key than it looks up
+    (``saving_attr_skipset_`` against ``saving_attr_skiplist_``, Keras 3.15), and
+    ``clear_session`` between trials would wipe them anyway. They depend only on the Keras
+    version, so they are kept here and handed back under both keys before each save.
+    """
+    from keras.src.backend.common import global_state
+
+    for kind, names in _SKIPSETS.items():
+        for prefix in ("saving_attr_skiplist_", "saving_attr_skipset_"):
+            global_state.set_global_attribute(prefix + kind, names)
+    model.save(path)
+    for key, names in vars(global_state.GLOBAL_STATE_TRACKER).items():
+        if key.startswith("saving_attr_skipset_") and names is not None:
+            _SKIPSETS[key.removeprefix("saving_attr_skipset_")] = names

@@ -141,6 +141,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
             t0 = time.monotonic()
             reason = ""
             limit = _TimeLimit(claimed.timeout)
+            recorder = SqlRecorder(trial, storage, claimed.trial_id)
             with _Heartbeat(storage, claimed, claimer.sweep, hung_exit):
                 try:
                     try:
@@ -149,11 +150,12 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                             result = run_trial(
                                 trial, spec, arrays, datasets, store,
                                 prune_from=None if confirming else first_prunable,
-                                recorder=SqlRecorder(trial, storage, claimed.trial_id),
+                                recorder=recorder,
                                 keep_model=(lambda _: True) if confirming
                                 else retention.qualifies)
                     finally:
                         signals.disarm()
+                        recorder.close()
                     frozen = study.tell(trial, result.val_loss)
                     retention.prune()
                     failures_in_a_row = 0
@@ -189,7 +191,8 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
             if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED):
                 figures.after_trial()
             if progress is not None:
-                progress(_outcome(study, frozen, time.monotonic() - t0, reason))
+                progress(_outcome(storage, claimer.study_id, frozen, time.monotonic() - t0,
+                                  reason))
             if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
                 raise RuntimeFailure(f"{failures_in_a_row} trials in a row failed, stopping "
                                      f"this worker; last error: {reason}")
@@ -228,12 +231,28 @@ def _final_figures(figures: FigurePublisher) -> Iterator[None]:
 class SqlRecorder:
     """A trial's attributes in one transaction per call (``optuna_sql``), where Optuna's API
     takes one per value; an epoch's value and curves in one transaction too, written where
-    ``Trial.report`` writes them, so the pruner reads them back from the trial as usual."""
+    ``Trial.report`` writes them.
+
+    Epochs are written by a thread of their own, in order, so training never waits for the
+    database: the pruner reads this trial's values from the trial's own copy, updated at
+    once (:func:`tuner.budget.remember_report`). Epochs that queue up while the database is
+    slow go in one transaction. :meth:`attrs` first waits for every epoch to be written, so a
+    trial's last attributes, and its tell, come after its curve. A refusal (another worker
+    judged the trial dead) is raised at the next epoch or at :meth:`attrs`.
+    """
 
     def __init__(self, trial: optuna.Trial, storage: RDBStorage, trial_id: int) -> None:
         self.trial, self.storage, self.trial_id = trial, storage, trial_id
+        self._changed = threading.Condition()
+        self._queued: list[tuple[int, float]] = []
+        self._curve: dict[str, list[float]] = {}
+        self._writing = self._closing = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
 
     def attrs(self, values: dict[str, Any], system: dict[str, Any] | None = None) -> None:
+        self.flush()
+
         def write() -> None:
             with self.storage.engine.begin() as conn:
                 optuna_sql.set_trial_user_attrs(conn, self.trial_id, values)
@@ -243,16 +262,66 @@ class SqlRecorder:
         retry_on_disconnect(self.storage, write)
 
     def epoch(self, step: int, value: float, curve: dict[str, list[float]]) -> None:
+        self._raise_refusal()
+        remember_report(self.trial, step, value)
+        with self._changed:
+            self._queued.append((step, value))
+            self._curve = {key: list(points) for key, points in curve.items()}
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_epochs, daemon=True,
+                                                name=f"tuner-epochs-{self.trial.number}")
+                self._thread.start()
+            self._changed.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every epoch reported so far is written (or refused: raised here)."""
+        with self._changed:
+            while self._queued or self._writing:
+                self._changed.wait()
+        self._raise_refusal()
+
+    def close(self) -> None:
+        """Stop the writing thread once what is queued is written; raises nothing."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _raise_refusal(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _write_epochs(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queued and not self._closing:
+                    self._changed.wait()
+                if not self._queued:
+                    return
+                reports, curve = self._queued, self._curve
+                self._queued, self._writing = [], True
+            error = self._write(reports, curve) if self._error is None else None
+            with self._changed:
+                self._writing = False
+                self._error = self._error or error
+                self._changed.notify_all()
+
+    def _write(self, reports: list[tuple[int, float]],
+               curve: dict[str, list[float]]) -> BaseException | None:
         def write() -> bool:
             with self.storage.engine.begin() as conn:
-                return optuna_sql.report_epoch(conn, self.trial_id, step, value,
-                                               {attrs.CURVE: curve})
+                return optuna_sql.report_epochs(conn, self.trial_id, reports,
+                                                {attrs.CURVE: curve})
 
-        if not retry_on_disconnect(self.storage, write):
-            raise optuna.exceptions.UpdateFinishedTrialError(
+        try:
+            if retry_on_disconnect(self.storage, write):
+                return None
+            return optuna.exceptions.UpdateFinishedTrialError(
                 f"trial #{self.trial.number} is no longer running: another worker judged it "
                 "dead")
-        remember_report(self.trial, step, value)
+        except Exception as exc:  # noqa: BLE001 - raised in the training thread instead
+            return exc
 
 
 def artifact_store(study: optuna.Study, override: str | None
@@ -414,13 +483,15 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:500]}" if text else type(exc).__name__
 
 
-def _outcome(study: optuna.Study, frozen: optuna.trial.FrozenTrial, seconds: float,
-             reason: str) -> Outcome:
-    try:
-        best = study.best_trial
-        best_value, best_number = best.value, best.number
-    except ValueError:
-        best_value = best_number = None
+def _outcome(storage: RDBStorage, study_id: int, frozen: optuna.trial.FrozenTrial,
+             seconds: float, reason: str) -> Outcome:
+    def best() -> dict[str, Any] | None:  # two queries, where Study.best_trial loads it all
+        with storage.engine.connect() as conn:
+            return optuna_sql.best_trial(conn, study_id)
+
+    found = retry_on_disconnect(storage, best)
+    best_value = None if found is None else found["value"]
+    best_number = None if found is None else found["number"]
     value = frozen.value
     if value is None and frozen.intermediate_values:
         value = frozen.intermediate_values[max(frozen.intermediate_values)]
