@@ -19,22 +19,26 @@ Wilcoxon is not among them: Optuna's WilcoxonPruner compares a trial's scores on
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from _common import parse_args, spread, table, throwaway_database, write_result
 from _datasets import datasets, merged_parts, study_file
 
-# (label, pruner, pruner_warmup): None = tuner's default warm-up
-SETTINGS = [("none", "none", None), ("median (default warm-up)", "median", None),
-            ("trend (warm-up 1)", "trend", None), ("median, warm-up 1", "median", 1),
-            ("percentile 25, warm-up 1", "percentile", 1), ("patient median", "patient", None),
-            ("hyperband, warm-up 0", "hyperband", 0),
-            ("successive halving, warm-up 0", "successive-halving", 0),
-            ("successive halving, warm-up 1", "successive-halving", 1)]
+# (label, pruner, pruner_warmup, startup trials): None = tuner's default
+SETTINGS = [("none", "none", None, None), ("median (default warm-up)", "median", None, None),
+            ("median, 5 startup trials (the default until 2026-12)", "median", None, 5),
+            ("trend (warm-up 1)", "trend", None, None), ("median, warm-up 1", "median", 1, None),
+            ("percentile 25, warm-up 1", "percentile", 1, None),
+            ("patient median", "patient", None, None),
+            ("hyperband, warm-up 0", "hyperband", 0, None),
+            ("successive halving, warm-up 0", "successive-halving", 0, None),
+            ("successive halving, warm-up 1", "successive-halving", 1, None)]
 
 
 def main() -> None:
@@ -76,15 +80,16 @@ def main() -> None:
         storage = open_storage(url)
         for ds in data:
             for seed in seeds:
-                for label, pruner, warmup in settings:
-                    name = f"{ds.name}-{pruner}-{warmup}-{seed}"
+                for label, pruner, warmup, startup in settings:
+                    name = f"{ds.name}-{pruner}-{warmup}-{startup}-{seed}"
                     spec = load_spec(study_file(Path(tmp), name, ds, seed=seed, pruner=pruner,
                                                 n_trials=n_trials, pruner_warmup=warmup))
                     if args.quick:
                         spec = _quick(spec)
                     studies.create_or_resume(spec, storage, str(Path(tmp) / "art"))
                     started = time.perf_counter()
-                    work(storage, *studies.load(name, storage))
+                    with _startup_trials(startup):
+                        work(storage, *studies.load(name, storage))
                     wall = time.perf_counter() - started
                     study, _ = studies.load(name, storage)
                     trials = study.get_trials(deepcopy=False)
@@ -94,7 +99,9 @@ def main() -> None:
                            "pruned": sum(t.state.name == "PRUNED" for t in trials),
                            "epochs": sum(len(t.intermediate_values) for t in trials),
                            "wall_s": wall, "best_val_loss": best.value,
-                           "test_loss": best.user_attrs.get("test_loss")}
+                           "test_loss": best.user_attrs.get("test_loss"),
+                           # every trial's curve, so other rules can be replayed offline
+                           "curves": [_curve(t) for t in trials]}
                     runs.append(run)
                     print(f"{ds.name} seed {seed} {label:26s}: {run['epochs']:4d} epochs, "
                           f"{wall:6.1f}s, best val {best.value:.4f}, test "
@@ -146,6 +153,25 @@ def _report(args: Any, runs: list[dict[str, Any]], data: list[Any], n_trials: in
                                    "datasets": [d.name for d in data], "runs": runs,
                                    "per_setting": per_setting, "default": default},
                  [t1, t2])
+
+
+@contextlib.contextmanager
+def _startup_trials(n: int | None) -> Iterator[None]:
+    """The pruners' completed trials before any pruning, for the settings that compare it."""
+    from tuner import pruning
+
+    default = pruning.STARTUP_TRIALS
+    pruning.STARTUP_TRIALS = default if n is None else n
+    try:
+        yield
+    finally:
+        pruning.STARTUP_TRIALS = default
+
+
+def _curve(trial: Any) -> dict[str, Any]:
+    return {"number": trial.number, "state": trial.state.name,
+            "val_loss": [trial.intermediate_values[s] for s in sorted(trial.intermediate_values)],
+            "test_loss": trial.user_attrs.get("test_loss"), "params": dict(trial.params)}
 
 
 def _quick(spec):  # noqa: ANN001, ANN202

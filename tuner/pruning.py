@@ -22,7 +22,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.spec import StudySpec
 
-STARTUP_TRIALS = 5  # completed trials before any pruning: the median needs company
+# Completed trials before any pruning. Three, not Optuna's five: the warm-up is what spares
+# slow starters, and in a study of a dozen trials (a small epoch budget) two more unpruned
+# trials are a sixth of it (benchmarks/RESULTS.md, section 4).
+STARTUP_TRIALS = 3
 
 
 def warmup_epochs(spec: StudySpec) -> int:
@@ -43,7 +46,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The study's pruner; no trial is stopped before it trained :func:`warmup_epochs` + 1."""
     first = warmup_epochs(spec) + 1  # the first epoch at whose end a trial may be stopped
     if spec.pruner == "trend":
-        return TrendPruner(first, spec.model.epochs)
+        return TrendPruner(first, spec.model.epochs, STARTUP_TRIALS)
     if spec.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS,
                                            n_warmup_steps=first)

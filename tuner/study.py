@@ -8,6 +8,7 @@ every process (Optuna does not store them).
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import replace
 
 import optuna
@@ -16,6 +17,7 @@ from optuna.storages import RDBStorage
 from tuner import attrs
 from tuner.errors import UserError
 from tuner.pruning import make_pruner
+from tuner.space import param_names
 from tuner.spec import CHANGEABLE_FIELDS, StudySpec
 
 
@@ -72,14 +74,28 @@ def unknown_study_message(name: str, names: list[str]) -> str:
 
 
 def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler. TPE samples at random for its first quarter of the trials the study
+    is expected to run (at least one more than the knobs searched, at most Optuna's 10), so
+    that a small budget is not spent entirely on random trials."""
     seed = None if spec.seed is None else spec.seed + seed_offset
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "qmc":
         return optuna.samplers.QMCSampler(seed=seed)
-    startup = max(3, min(10, (spec.n_trials or 40) // 4))
+    floor = len(param_names(spec)) + 1
+    startup = max(floor, min(10, expected_trials(spec) // 4))
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
                                       constant_liar=True)
+
+
+def expected_trials(spec: StudySpec) -> int:
+    """How many trials the study will run: ``n_trials``, or what its epoch budget buys (a
+    pruned trial costing about half a full one), or 40 when only time limits it."""
+    guesses = [spec.n_trials] if spec.n_trials is not None else []
+    if spec.epoch_budget is not None:
+        per_trial = spec.model.epochs * (1.0 if spec.pruner == "none" else 0.5)
+        guesses.append(math.ceil(spec.epoch_budget / per_trial))
+    return min(guesses) if guesses else 40
 
 
 def _stored_spec(storage: RDBStorage, name: str) -> StudySpec | None:
