@@ -24,15 +24,18 @@ sys.path.insert(0, str(HERE))
 from _common import machine, table  # noqa: E402
 
 # bench_status belongs with the inspection verbs; it joins the suite when it exists.
-SCRIPTS = ["bench_overhead", "bench_epochs", "bench_storage", "bench_pruning", "bench_quality",
+SCRIPTS = ["bench_overhead", "bench_epochs", "bench_storage", "bench_pruning", "replay_pruning",
+           "bench_quality",
            "bench_scaling", "bench_status", "bench_chaos", "bench_disk", "bench_figures"]
 RESULT_NAMES = {"bench_overhead": "overhead", "bench_epochs": "epochs",
                 "bench_storage": "storage", "bench_pruning": "pruning",
+                "replay_pruning": "replay_pruning",
                 "bench_quality": "quality", "bench_scaling": "scaling",
                 "bench_status": "bench_status", "bench_chaos": "chaos", "bench_disk": "disk",
                 "bench_figures": "figures"}
 TITLES = {"overhead": "1. Trial overhead", "epochs": "2. Epoch-start stalls",
           "storage": "3. Storage at scale", "pruning": "4. Pruning savings",
+          "replay_pruning": "4b. Pruning rules replayed on the unpruned searches' curves",
           "quality": "5. Search quality against peers", "scaling": "6. Scaling with workers",
           "bench_status": "7. `tuner status` on a 10,000-trial study",
           "chaos": "8. Chaos: workers killed at random, the study still finishes",
@@ -118,6 +121,12 @@ def _goals(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]
                          f"x{q['best_val_loss_vs_none']:.3f}, test loss of the pick "
                          f"x{q['test_loss_vs_none']:.3f}",
                          "met" if q["goal_met"] else "missed"))
+    if rp := results.get("replay_pruning"):
+        met = rp["rules_meeting_goal_everywhere"]
+        rows.append(("pruning replayed", ">= 3x fewer epochs, best val_loss within 2 %, "
+                     f"every dataset and size ({', '.join(map(str, rp['sizes']))} trials)",
+                     f"{len(rp['rules'])} rules on {len(rp['runs'])} runs' curves; "
+                     f"meeting it: {', '.join(met) or 'none'}", "met" if met else "missed"))
     if q := results.get("quality"):
         for name, g in q["goal"].items():
             p = q["paired"][name]

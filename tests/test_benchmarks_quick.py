@@ -20,6 +20,8 @@ EXPECTED = {
     "bench_storage": ("storage", {"cells", "history_reads", "goal", "add_trials_per_s",
                                   "peak_connections_at_max_workers"}),
     "bench_pruning": ("pruning", {"runs", "per_setting", "default"}),
+    # after bench_pruning: it replays the curves of that quick run
+    "replay_pruning": ("replay_pruning", {"results", "rules", "sizes"}),
     "bench_quality": ("quality", {"runs", "summary", "goal", "paired", "noise"}),
     "bench_scaling": ("scaling", {"runs", "projection"}),
     "bench_status": ("bench_status", {"results", "goal", "n_trials"}),
@@ -72,7 +74,8 @@ def test_report_renders_every_section_and_goal(out_dir: Path, tmp_path: Path) ->
         assert f"## {TITLES[name]}" in text
     rows = {"overhead": "| trial overhead |", "epochs": "| epoch stalls |",
             "storage": "| storage latency |", "pruning": "| pruning, ",
-            "quality": "| quality, ", "bench_status": "| tuner status at 10k trials |",
+            "quality": "| quality, ", "replay_pruning": "| pruning replayed |",
+            "bench_status": "| tuner status at 10k trials |",
             "chaos": "| chaos |", "disk": "| disk at 10,000 trials |", "figures": "| figures |",
             "scaling": "| scaling 1 → 2 workers |"}
     assert set(rows) == set(TITLES), "every result has a goal row"

@@ -1,0 +1,138 @@
+"""Pruning rules replayed on recorded learning curves: many rules, seeds and study sizes for the
+price of the unpruned searches ``bench_pruning.py`` already ran.
+
+``bench_pruning.py`` keeps every trial's validation curve. An unpruned search holds the whole
+curve of every configuration its sampler proposed, so a pruning rule can be replayed on it
+offline: the trials are told to a fresh in-memory study in their order, each epoch is reported
+to tuner's own pruner (``tuner.pruning.make_pruner``, the code a worker runs), and a trial the
+pruner stops keeps only the epochs it trained. Per rule: the epochs all trials trained, and
+the best validation loss and the test loss of the trial the search would pick (its best
+completed trial), each against the unpruned search, for the first 12, 24 and 48 trials.
+
+What a replay cannot show: a real pruned search tells its sampler other results, so from the
+first pruned trial on it proposes other configurations. The replay keeps the unpruned order.
+It ranks rules; ``bench_pruning.py`` measures the ones worth running.
+
+    python benchmarks/replay_pruning.py --runs benchmarks/out/prune-*/pruning.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from _common import parse_args, table, write_result
+from _datasets import study_file
+
+# (label, pruner, pruner_warmup, startup trials); None: tuner's default
+RULES = [("median (default)", "median", None, None),
+         ("median, 5 startup trials (the default until 2026-12)", "median", None, 5),
+         ("median, 2 startup trials", "median", None, 2),
+         ("median, warm-up 1", "median", 1, None),
+         ("median, warm-up 1, 5 startup trials", "median", 1, 5),
+         ("trend (warm-up 1)", "trend", None, None),
+         ("percentile 25, warm-up 1", "percentile", 1, None),
+         ("percentile 25, default warm-up", "percentile", None, None),
+         ("patient median", "patient", None, None),
+         ("hyperband, warm-up 0", "hyperband", 0, None),
+         ("successive halving, warm-up 1", "successive-halving", 1, None)]
+SIZES = (12, 24, 48)
+
+
+def replay(curves: list[dict[str, Any]], pruner: Any) -> dict[str, float]:
+    """Tell ``curves`` (in order) to an in-memory study with ``pruner``; what it trained and
+    picked."""
+    import optuna
+
+    study = optuna.create_study(direction="minimize", pruner=pruner)
+    epochs = 0
+    kept: list[tuple[float, float | None]] = []  # (best val_loss, test loss) of completed
+    for c in curves:
+        trial = study.ask()
+        pruned = False
+        for step, value in enumerate(c["val_loss"], start=1):
+            trial.report(value, step)
+            epochs += 1
+            if trial.should_prune():
+                pruned = True
+                break
+        if pruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, min(c["val_loss"]))
+            kept.append((min(c["val_loss"]), c["test_loss"]))
+    best = min(kept, key=lambda k: k[0])
+    return {"epochs": epochs, "best_val_loss": best[0], "test_loss": best[1],
+            "pruned": len(curves) - len(kept)}
+
+
+def main() -> None:
+    args = parse_args(__doc__, lambda p: p.add_argument(
+        "--runs", nargs="+", type=Path,
+        help="pruning.json files of bench_pruning runs with a 'none' setting "
+             "(default: the one in --out)"))
+    args.runs = args.runs or [args.out / "pruning.json"]
+    import optuna
+
+    from tuner import pruning
+    from tuner.spec import load_spec
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from _datasets import datasets
+
+    known = {d.name: d for d in datasets(args.out / "data")}
+    searches = [r for path in args.runs for r in json.loads(path.read_text())["runs"]
+                if r["setting"] == "none" and r.get("curves")]
+    if args.quick:
+        searches = searches[:1]
+    results = []
+    for search in searches:
+        ds = known[search["dataset"]]
+        curves = sorted(search["curves"], key=lambda c: c["number"])
+        for size in [s for s in SIZES if s <= len(curves)] or [len(curves)]:
+            base = replay(curves[:size], optuna.pruners.NopPruner())
+            for label, kind, warmup, startup in RULES:
+                spec = load_spec(study_file(args.out / "replay", "replay", ds, seed=0,
+                                            pruner=kind, n_trials=size,
+                                            pruner_warmup=warmup))
+                default = pruning.STARTUP_TRIALS
+                pruning.STARTUP_TRIALS = default if startup is None else startup
+                try:
+                    got = replay(curves[:size], pruning.make_pruner(replace(spec)))
+                finally:
+                    pruning.STARTUP_TRIALS = default
+                results.append({
+                    "dataset": ds.name, "seed": search["seed"], "trials": size, "rule": label,
+                    **got, "epoch_saving": base["epochs"] / got["epochs"],
+                    "best_val_loss_vs_none": got["best_val_loss"] / base["best_val_loss"],
+                    "test_loss_vs_none": got["test_loss"] / base["test_loss"]})
+    rows = []
+    for ds in dict.fromkeys(r["dataset"] for r in results):
+        for size in sorted({r["trials"] for r in results}):
+            for label, *_ in RULES:
+                mine = [r for r in results if (r["dataset"], r["trials"], r["rule"])
+                        == (ds, size, label)]
+                if not mine:
+                    continue
+                saving = statistics.fmean(r["epoch_saving"] for r in mine)
+                val = statistics.fmean(r["best_val_loss_vs_none"] for r in mine)
+                test = statistics.fmean(r["test_loss_vs_none"] for r in mine)
+                rows.append((ds, size, label, len(mine), saving, val, test,
+                             sum(r["best_val_loss_vs_none"] > 1.02 for r in mine),
+                             "met" if saving >= 3 and val <= 1.02 else "missed"))
+    t1 = table(["dataset", "trials", "rule", "searches", "epochs saved x",
+                "best val_loss / none", "test loss of pick / none",
+                "searches that lost > 2 %", "goal >=3x, <=1.02"], rows)
+    met = [label for label, *_ in RULES if all(
+        row[4] >= 3 and row[5] <= 1.02 for row in rows if row[2] == label)]
+    write_result(args, "replay_pruning", {
+        "runs": [str(p) for p in args.runs], "sizes": sorted({r["trials"] for r in results}),
+        "rules": [r[0] for r in RULES], "results": results,
+        "rules_meeting_goal_everywhere": met}, [t1])
+
+
+if __name__ == "__main__":
+    main()
