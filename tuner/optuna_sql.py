@@ -198,16 +198,42 @@ def report_epochs(conn: sqlalchemy.Connection, trial_id: int,
                   reports: list[tuple[int, float]], values: dict[str, Any]) -> bool:
     """Finite intermediate values ``(step, value)`` and user attributes of a RUNNING trial, as
     ``Trial.report`` and :func:`set_trial_user_attrs` write them; ``False`` (and nothing
-    written) when the trial is no longer running: another worker judged it dead."""
+    written) when the trial is no longer running: another worker judged it dead.
+
+    On PostgreSQL one statement writes them all (the attributes are inserted from the rows
+    the intermediate values' insert returned); elsewhere one statement each.
+    """
+    upsert_values = ("ON CONFLICT (trial_id, step) DO UPDATE SET "
+                     "intermediate_value = excluded.intermediate_value, "
+                     "intermediate_value_type = excluded.intermediate_value_type")
+    upsert_attrs = "ON CONFLICT (trial_id, key) DO UPDATE SET value_json = excluded.value_json"
+    if conn.engine.url.get_backend_name() == "postgresql" and values:
+        params: dict[str, Any] = {"tid": trial_id}
+        steps = []
+        for i, (step, value) in enumerate(reports):
+            steps.append(f"(CAST(:s{i} AS INTEGER), CAST(:v{i} AS DOUBLE PRECISION))")
+            params.update({f"s{i}": step, f"v{i}": value})
+        pairs = []
+        for i, (key, value) in enumerate(values.items()):
+            pairs.append(f"(CAST(:k{i} AS VARCHAR), CAST(:j{i} AS TEXT))")
+            params.update({f"k{i}": key, f"j{i}": json.dumps(value)})
+        return bool(conn.execute(_text(
+            "WITH written AS (INSERT INTO trial_intermediate_values "
+            "(trial_id, step, intermediate_value, intermediate_value_type) "
+            "SELECT t.trial_id, r.step, r.value, 'FINITE' FROM trials t "
+            f"CROSS JOIN (VALUES {', '.join(steps)}) AS r(step, value) "
+            f"WHERE t.trial_id = :tid AND t.state = 'RUNNING' {upsert_values} "
+            "RETURNING trial_id) "
+            "INSERT INTO trial_user_attributes (trial_id, key, value_json) "
+            "SELECT DISTINCT w.trial_id, a.key, a.value_json FROM written w "
+            f"CROSS JOIN (VALUES {', '.join(pairs)}) AS a(key, value_json) {upsert_attrs}"),
+            params).rowcount)
     for step, value in reports:
         written = conn.execute(_text(
             "INSERT INTO trial_intermediate_values "
             "(trial_id, step, intermediate_value, intermediate_value_type) "
             "SELECT trial_id, :step, :value, 'FINITE' FROM trials "
-            "WHERE trial_id = :tid AND state = 'RUNNING' "
-            "ON CONFLICT (trial_id, step) DO UPDATE SET "
-            "intermediate_value = excluded.intermediate_value, "
-            "intermediate_value_type = excluded.intermediate_value_type"),
+            f"WHERE trial_id = :tid AND state = 'RUNNING' {upsert_values}"),
             {"tid": trial_id, "step": step, "value": value}).rowcount
         if not written:
             return False
