@@ -304,8 +304,10 @@ def main() -> None:
                 ds = replace(ds, epochs=2, patience=1)
             budget = budgets[ds.name]
             for seed in seeds:
-                setup = _Setup(ds, tmp, seed)
                 for contender in contenders:
+                    # Fresh pipelines for each: a shared one would hand each contender the
+                    # shuffle order left by the epochs of those before it.
+                    setup = _Setup(ds, tmp, seed)
                     if contender.startswith("tuner"):
                         r = _run_tuner(url, tmp, setup, seed, budget,
                                        confirm=contender == "tuner+confirm")
