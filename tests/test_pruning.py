@@ -104,3 +104,29 @@ def test_the_warm_up_counts_epochs_as_a_plain_optuna_script_does() -> None:
             break
     else:
         pytest.fail("never pruned")
+
+
+def test_pruning_starts_after_three_completed_trials() -> None:
+    """Three completed trials are company enough; the warm-up is what spares slow starters."""
+    hopeless = [5.0] * 20
+    assert _first_pruned_epoch(
+        _study_with_light_trials(make_pruner(spec_for(20)), LIGHT, n=3), hopeless) == 6
+    assert _first_pruned_epoch(
+        _study_with_light_trials(make_pruner(spec_for(20)), LIGHT, n=2), hopeless) is None
+
+
+@pytest.mark.parametrize(("budget", "startup"), [
+    ({"n_trials": 24}, 6),  # a quarter of the trials
+    ({"n_trials": 100}, 10),  # at most Optuna's 10
+    ({"n_trials": 8}, 5),  # at least one more than the 4 knobs
+    ({"epoch_budget": 150}, 5),  # 20 trials at half a full trial each
+    ({"epoch_budget": 1200}, 10),
+    ({"time_budget": "8h"}, 10)])  # unknown: Optuna's 10
+def test_tpe_samples_at_random_for_a_quarter_of_what_the_budget_buys(
+        budget: dict, startup: int) -> None:
+    from tuner.study import make_sampler
+
+    spec = parse_spec({"study": {"name": "s", **budget}, "model": {"epochs": 15},
+                       "search": {"dropout": [0.0, 0.5], "l2": [1e-6, 1e-2],
+                                  "augment": [0.0, 0.5], "learning_rate": [1e-4, 1e-2]}})
+    assert make_sampler(spec)._n_startup_trials == startup
