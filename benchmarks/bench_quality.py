@@ -8,6 +8,9 @@ rate) and the same early-stopping patience:
 
 * **tuner**: a study with ``epoch_budget = E`` and tuner's defaults (TPE, median pruning with
   its warm-up), run by ``tuner.worker.work``; it picks its best trial;
+* **tuner-before**: the same with the defaults tuner had until 2026-12 (pruning after 5
+  completed trials, TPE's first 10 trials at random whatever the budget), for an A/B of the
+  change in one run;
 * **tuner + confirm**: the same search stopped at 60 % of ``E``, then ``tuner confirm`` (top 2
   configurations, 2 new seeds each) within the rest of ``E``; it picks the best run of the
   confirmed winner;
@@ -28,10 +31,12 @@ tie. Wall time is the search alone (imports and data loading excluded, for every
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,8 +44,8 @@ from typing import Any
 from _common import parse_args, spread, table, throwaway_database, write_result
 from _datasets import Dataset, datasets, merged_parts, study_file
 
-CONTENDERS = ("tuner", "tuner+confirm", "optuna", "kerastuner-hyperband", "kerastuner-random",
-              "textbook")
+CONTENDERS = ("tuner", "tuner-before", "tuner+confirm", "optuna", "kerastuner-hyperband",
+              "kerastuner-random", "textbook")
 PEERS = ("optuna", "kerastuner-hyperband", "kerastuner-random")
 BUDGETS = {"digits": 150, "mnist-500": 300}  # epochs per search
 CONFIRM_TOP, CONFIRM_SEEDS, SEARCH_SHARE = 2, 2, 0.6
@@ -112,8 +117,24 @@ class _Setup:
         return float(scores["xent"]), float(scores["accuracy"])
 
 
+@contextlib.contextmanager
+def _defaults_before() -> Iterator[None]:
+    """tuner's defaults until 2026-12: 5 completed trials before pruning, and TPE's random
+    start a quarter of ``n_trials`` (or of 40), at least 3: 10 for every epoch budget here."""
+    from tuner import pruning
+    from tuner import study as studies
+
+    startup, expected = pruning.STARTUP_TRIALS, studies.expected_trials
+    pruning.STARTUP_TRIALS = 5
+    studies.expected_trials = lambda spec: spec.n_trials or 40
+    try:
+        yield
+    finally:
+        pruning.STARTUP_TRIALS, studies.expected_trials = startup, expected
+
+
 def _run_tuner(url: str, tmp: Path, setup: _Setup, seed: int, budget: int,
-               confirm: bool) -> dict[str, Any]:
+               confirm: bool, label: str = "") -> dict[str, Any]:
     from tuner import confirm as confirming
     from tuner import study as studies
     from tuner.spec import load_spec
@@ -121,7 +142,7 @@ def _run_tuner(url: str, tmp: Path, setup: _Setup, seed: int, budget: int,
     from tuner.worker import work
 
     ds = setup.ds
-    name = f"q-{ds.name}-{seed}-{'confirm' if confirm else 'plain'}"
+    name = f"q-{ds.name}-{seed}-{'confirm' if confirm else 'plain'}{label}"
     search = round(budget * SEARCH_SHARE) if confirm else budget
     spec = load_spec(study_file(tmp, name, ds, seed=seed, epoch_budget=search))
     storage = open_storage(url)
@@ -308,7 +329,11 @@ def main() -> None:
                     # Fresh pipelines for each: a shared one would hand each contender the
                     # shuffle order left by the epochs of those before it.
                     setup = _Setup(ds, tmp, seed)
-                    if contender.startswith("tuner"):
+                    if contender == "tuner-before":
+                        with _defaults_before():
+                            r = _run_tuner(url, tmp, setup, seed, budget, confirm=False,
+                                           label="before")
+                    elif contender.startswith("tuner"):
                         r = _run_tuner(url, tmp, setup, seed, budget,
                                        confirm=contender == "tuner+confirm")
                     elif contender.startswith("kerastuner"):
@@ -372,7 +397,7 @@ def _summarize(runs: list[dict[str, Any]], noise: dict[str, Any], contenders: li
         s = summary[ds.name]
         threshold = noise[ds.name]["test_loss"]["std"]
         tuner = {r["seed"]: r for r in mine if r["contender"] == "tuner"}
-        for peer in (c for c in contenders if c in PEERS):
+        for peer in (c for c in contenders if c in PEERS or c == "tuner-before"):
             diffs = [tuner[r["seed"]]["test_loss"] - r["test_loss"] for r in mine
                      if r["contender"] == peer]
             paired[f"{ds.name} vs {peer}"] = {
@@ -380,6 +405,8 @@ def _summarize(runs: list[dict[str, Any]], noise: dict[str, Any], contenders: li
                 "ties": sum(abs(d) <= threshold for d in diffs),
                 "losses": sum(d > threshold for d in diffs),
                 "mean_difference": statistics.fmean(diffs), "noise": threshold}
+            if peer not in PEERS:
+                continue
             goal[f"{ds.name} vs {peer}"] = {
                 "test_loss_at_least_as_good":
                     s["tuner"]["test_loss"]["mean"] <= s[peer]["test_loss"]["mean"],
