@@ -141,3 +141,18 @@ def test_pipelines_hold_a_fixed_training_sample_as_large_as_validation() -> None
     assert len(x) == len(y) == len(arrays.x_val)
     np.testing.assert_array_equal(y, make_datasets(arrays, batch_size=16).train_sample[1])
     assert datasets.test is None
+
+
+def test_the_training_order_does_not_depend_on_what_the_process_seeded_before() -> None:
+    """A seeded study repeats itself even in a process that trained something else first."""
+    import tensorflow as tf
+
+    arrays = load_arrays(DataSpec(source="digits", limit=200))
+    orders = []
+    for earlier in (1, 99):
+        tf.random.set_seed(earlier)  # what an earlier study or script left behind
+        train = make_datasets(arrays, batch_size=16, seed=3).train
+        orders.append([np.concatenate([y.numpy() for _, y in train]) for _ in range(2)])
+    np.testing.assert_array_equal(orders[0][0], orders[1][0])
+    np.testing.assert_array_equal(orders[0][1], orders[1][1])  # and every epoch after
+    assert not np.array_equal(orders[0][0], orders[0][1])  # reshuffled each epoch

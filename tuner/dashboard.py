@@ -113,6 +113,11 @@ def run_dashboard(url: str, out: TextIO, host: str = "127.0.0.1", port: int = 80
 
 # --- the study page: figures and a note, kept up to date by the workers ------------------------
 
+# Held while a figure update runs, and by a trial while it seeds the global random generators
+# and builds its model (layers take their seeds from them): an update on a thread of its own
+# (a first import, say) must not draw from them in between, or a seeded study would not
+# repeat itself.
+RANDOM_STATE = threading.Lock()
 CURVES_ID = "tuner-curves"  # optuna-dashboard graph object ids: one of each per study,
 KNOBS_ID = "tuner-knobs"  # overwritten in place at every update
 
@@ -167,7 +172,8 @@ class FigurePublisher:
 
     def _safely(self, force: bool) -> bool:
         try:
-            return self.update(force)
+            with RANDOM_STATE:
+                return self.update(force)
         except Exception as exc:  # noqa: BLE001 - a figure is never worth a trial
             if not self._warned:
                 _log.warning("could not update the dashboard figures: %s", exc)

@@ -112,6 +112,9 @@ def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0) -> Datasets:
     def pipeline(x: np.ndarray, y: np.ndarray, shuffle: bool = False) -> tf.data.Dataset:
         ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
         if shuffle:
+            # The order follows the global seed too: fix it, so that the order does not
+            # depend on what this process trained before (an earlier study, a benchmark).
+            tf.random.set_seed(seed)
             ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 

@@ -35,6 +35,7 @@ import optuna
 
 from tuner import attrs, optuna_sql
 from tuner.augment import build_augmentation
+from tuner.dashboard import RANDOM_STATE
 from tuner.data import Arrays, Datasets
 from tuner.models import resolve_family
 from tuner.space import Hyperparams, sample
@@ -206,9 +207,10 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
                     attrs.PID: os.getpid()})
     hp = with_shape(sample(trial, spec), arrays)
     seed = None if spec.seed is None else spec.seed + trial.number
-    if seed is not None:
-        keras.utils.set_random_seed(seed)
-    model = _build(hp, spec, seed, arrays.scale, pooled=True)
+    with RANDOM_STATE:  # no figure drawn on another thread draws from it meanwhile
+        if seed is not None:
+            keras.utils.set_random_seed(seed)
+        model = _build(hp, spec, seed, arrays.scale, pooled=True)
     validation = datasets.val_and_train_sample
     reporter = _EpochReporter(trial, recorder, started,
                               (len(arrays.y_val), len(datasets.train_sample[1])), prune_from)
