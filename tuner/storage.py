@@ -45,12 +45,26 @@ def open_storage(url: str, *, heartbeat: bool = True) -> RDBStorage:
     if heartbeat:
         kwargs = {"heartbeat_interval": settings.heartbeat_interval(),
                   "grace_period": settings.grace_period()}
-    try:
-        with _quiet_optuna():
-            return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError,
-            ValueError) as exc:
-        raise unreachable(url, exc) from None
+    for attempt in range(5):
+        try:
+            with _quiet_optuna():
+                return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except (sa_exc.IntegrityError, sa_exc.ProgrammingError) as exc:
+            # Another process created Optuna's tables in this new database at the same
+            # moment (workers started together): they are there now, open them again.
+            if attempt == 4 or not _created_meanwhile(exc):
+                raise unreachable(url, exc) from None
+            time.sleep(0.2 * (attempt + 1))
+        except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError,
+                ValueError) as exc:
+            raise unreachable(url, exc) from None
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _created_meanwhile(exc: BaseException) -> bool:
+    """Whether a schema creation failed because another process was creating it too."""
+    text = str(exc).lower()
+    return "already exists" in text or "duplicate key" in text or "unique constraint" in text
 
 
 def open_engine(url: str) -> sqlalchemy.Engine:
