@@ -12,7 +12,7 @@ from tuner.augment import build_augmentation
 from tuner.data import load_arrays, make_datasets
 from tuner.space import Augmentation, Hyperparams, from_params, param_names, sample
 from tuner.spec import parse_spec
-from tuner.trial import TrialDiverged, build_model, run_trial, with_shape
+from tuner.trial import MONITOR, TrialDiverged, _BestWeights, build_model, run_trial, with_shape
 
 
 def spec_for(search: dict, **model) -> object:
@@ -90,6 +90,23 @@ def test_the_gap_is_measured_without_dropout_or_augmentation(arrays, tmp_path) -
     assert len(curve["train_loss"]) == len(curve["val_loss"]) == len(curve["t"]) == 3
     assert curve["train_loss"][attrs["best_epoch"] - 1] == pytest.approx(attrs["train_loss"],
                                                                          abs=1e-5)
+
+
+def test_the_model_ends_with_the_weights_of_its_best_epoch_not_its_last(arrays) -> None:
+    """Epochs 1 and 3 beat the epochs after them: fit ends on epoch 3's weights, whatever
+    the later, worse epochs (and a NaN one) left."""
+    model = build_model(hp_for(arrays, l2=0.0), spec_for({}))
+    keeper = _BestWeights()
+    keeper.set_model(model)
+    seen = []
+    for epoch, value in enumerate([0.9, 0.95, 0.5, 0.7, float("nan")]):
+        for weight in model.weights:
+            weight.assign(np.random.default_rng(epoch).normal(size=weight.shape))
+        seen.append([w.numpy().copy() for w in model.weights])
+        keeper.on_epoch_end(epoch, {MONITOR: value})
+    keeper.on_train_end()
+    for restored, best in zip(model.weights, seen[2], strict=True):
+        np.testing.assert_array_equal(restored.numpy(), best)
 
 
 def test_a_completed_trial_is_scored_once_on_the_test_split() -> None:

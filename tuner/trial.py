@@ -181,6 +181,38 @@ class _EpochReporter(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class _BestWeights(keras.callbacks.Callback):
+    """Keeps the best epoch's weights (by ``MONITOR``) and puts them back when fit ends.
+
+    Keras' ``EarlyStopping(restore_best_weights=True)`` copies every weight to host memory at
+    each improvement (about 1.5 ms an epoch even for a small MLP, more for a CNN on a GPU);
+    here the copies are variables beside the originals, on the same device, updated in place.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.best = math.inf
+        self.copies: list[Any] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {}).get(MONITOR, math.nan)
+        if not value < self.best:  # NaN never improves
+            return
+        self.best = value
+        if self.copies is None:
+            # ops.copy: a variable made from ``weight.value`` would share its storage
+            self.copies = [keras.Variable(keras.ops.copy(w), trainable=False, name=f"best_{i}")
+                           for i, w in enumerate(self.model.weights)]
+        else:
+            for copy, weight in zip(self.copies, self.model.weights, strict=True):
+                copy.assign(weight)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.copies is not None:
+            for copy, weight in zip(self.copies, self.model.weights, strict=True):
+                weight.assign(copy)
+
+
 def _sample_loss(pooled: float, val: float, n_val: int, n_sample: int) -> float:
     """The training sample's mean loss, from the mean over validation and sample together
     (``pooled``) and the validation mean (``val``)."""
@@ -215,13 +247,12 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
     reporter = _EpochReporter(trial, recorder, started,
                               (len(arrays.y_val), len(datasets.train_sample[1])), prune_from)
     stopper = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="min",
-                                            patience=spec.model.patience,
-                                            restore_best_weights=True)
+                                            patience=spec.model.patience)
     try:
         model.fit(datasets.train, validation_data=validation, epochs=spec.model.epochs,
                   verbose=0,
                   shuffle=False,  # the tf.data pipeline shuffles
-                  callbacks=[reporter, stopper])
+                  callbacks=[reporter, stopper, _BestWeights()])
         history = reporter.history
         best = min(range(len(history)), key=lambda i: history[i][MONITOR])
         result = TrialResult(
@@ -239,7 +270,7 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
         )
         figures = result.attrs()
         if result.pruned_at is None and datasets.test is not None:
-            # the best epoch's weights, restored by EarlyStopping
+            # the best epoch's weights, restored by _BestWeights
             test = model.evaluate(datasets.test, verbose=0, return_dict=True)
             figures.update({attrs.TEST_LOSS: float(test["xent"]),
                             attrs.TEST_ACCURACY: float(test["accuracy"])})
