@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tuner.data import check_source, load_arrays, make_datasets
+from tuner.data import check_source, inference_batch_size, load_arrays, make_datasets
 from tuner.errors import UserError
 from tuner.spec import DataSpec
 
@@ -62,6 +62,17 @@ def test_image_folder_needs_two_classes(tmp_path: Path) -> None:
     Image.new("RGB", (4, 4)).save(tmp_path / "only" / "a.png")
     with pytest.raises(UserError, match="one sub-folder of images per class"):
         check_source(DataSpec(source=f"images:{tmp_path}"))
+
+
+def test_validation_runs_in_large_batches_but_large_images_keep_the_training_batch() -> None:
+    assert inference_batch_size(64, (8, 8, 1)) == 1024  # small images: 16 training batches
+    assert inference_batch_size(64, (32, 32, 3)) == 1024
+    assert inference_batch_size(32, (224, 224, 3)) == 32  # never below the training batch
+    assert inference_batch_size(16, (128, 128, 3)) == 85  # 16 MiB of float32 input
+    arrays = load_arrays(DataSpec(source="digits"))
+    datasets = make_datasets(arrays, batch_size=64)
+    assert [len(y) for _, y in datasets.val] == [len(arrays.y_val)]  # 450 images, one batch
+    assert next(iter(datasets.train))[0].shape[0] == 64
 
 
 def test_pipelines_batch_and_keep_the_validation_order() -> None:

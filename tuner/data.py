@@ -19,6 +19,7 @@ stratified sample (same class proportions) of every part, drawn with the study's
 
 from __future__ import annotations
 
+import math
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +35,10 @@ if TYPE_CHECKING:
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 TEST_FOLDER = "test"  # images:DIR/test/<class>/... is the test part of an image folder
-INFERENCE_BATCH_FACTOR = 4  # validation and test batches, against the training batch
+# Validation and test batches: up to this many times the training batch, and at most this many
+# input values a batch (16 MiB of float32: a large image keeps the training batch size).
+INFERENCE_BATCH_FACTOR = 16
+INFERENCE_BATCH_VALUES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -109,10 +113,9 @@ def load_arrays(data: DataSpec, seed: int = 0) -> Arrays:
 def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0) -> Datasets:
     """Cached, batched and prefetched pipelines; only the training one is shuffled.
 
-    The validation and test pipelines are batched ``INFERENCE_BATCH_FACTOR`` times larger
-    than training: each batch costs Keras a Python round of its own, and an inference batch
-    without gradients needs no more memory than a training batch a quarter its size keeps
-    for the backward pass. The figures are the same (means over every image)."""
+    The validation and test pipelines run in larger batches than training (see
+    :func:`inference_batch_size`): each batch costs Keras a Python round of its own, more than
+    the arithmetic of a small model. The figures are the same (means over every image)."""
     import tensorflow as tf
 
     def pipeline(x: np.ndarray, y: np.ndarray, shuffle: bool = False) -> tf.data.Dataset:
@@ -125,7 +128,7 @@ def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0) -> Datasets:
             return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
         return ds.batch(inference_batch).prefetch(tf.data.AUTOTUNE)
 
-    inference_batch = batch_size * INFERENCE_BATCH_FACTOR
+    inference_batch = inference_batch_size(batch_size, arrays.input_shape)
 
     sample = np.random.default_rng(seed).permutation(len(arrays.x_train))[:len(arrays.x_val)]
     sample.sort()
@@ -139,6 +142,15 @@ def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0) -> Datasets:
     return Datasets(pipeline(arrays.x_train, arrays.y_train, shuffle=True),
                     pipeline(arrays.x_val, arrays.y_val), (x_sample, y_sample), test,
                     both.cache().batch(inference_batch).prefetch(tf.data.AUTOTUNE))
+
+
+def inference_batch_size(batch_size: int, input_shape: tuple[int, ...]) -> int:
+    """Up to ``INFERENCE_BATCH_FACTOR`` training batches, within ``INFERENCE_BATCH_VALUES``
+    input values: without gradients a batch keeps only the activations of the layer at hand,
+    and the bound keeps large images at the training batch size."""
+    values = max(1, math.prod(input_shape))
+    return max(batch_size, min(batch_size * INFERENCE_BATCH_FACTOR,
+                               INFERENCE_BATCH_VALUES // values))
 
 
 # --- splits ------------------------------------------------------------------------------------
