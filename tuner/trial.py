@@ -185,8 +185,8 @@ class _BestWeights(keras.callbacks.Callback):
     """Keeps the best epoch's weights (by ``MONITOR``) and puts them back when fit ends.
 
     Keras' ``EarlyStopping(restore_best_weights=True)`` copies every weight to host memory at
-    each improvement (about 1.5 ms an epoch even for a small MLP, more for a CNN on a GPU);
-    here the copies are variables beside the originals, on the same device, updated in place.
+    each improvement, across the bus on a GPU; here the copies are variables beside the
+    originals, on the same device, updated in place, and dropped once restored.
     """
 
     def __init__(self) -> None:
@@ -211,6 +211,7 @@ class _BestWeights(keras.callbacks.Callback):
         if self.copies is not None:
             for copy, weight in zip(self.copies, self.model.weights, strict=True):
                 weight.assign(copy)
+            self.copies = None  # device memory, not left to the next collection
 
 
 def _sample_loss(pooled: float, val: float, n_val: int, n_sample: int) -> float:
