@@ -197,9 +197,9 @@ def test_kill_9_of_a_whole_worker_while_another_goes_on(tmp_path: Path, pg_url: 
 
 def test_sigterm_and_ctrl_c_give_the_trial_back(tmp_path: Path, pg_url: str,
                                                 workers: list[Worker]) -> None:
-    # Long enough (about 4 s) that the signal lands while the trial trains, even when the
-    # test's poll for it is slow on a loaded machine.
-    _create(tmp_path, pg_url, "stop", n_trials=2, epochs=100, patience=100,
+    # Long enough (5-10 s: validation is one batch of the small data) that the signal lands
+    # while the trial trains, even when the test's poll for it is slow on a loaded machine.
+    _create(tmp_path, pg_url, "stop", n_trials=2, epochs=400, patience=100,
             family="user_models:tiny")
     given_back = []
     for how in ("SIGTERM to the worker", "Ctrl-C to its process group"):
