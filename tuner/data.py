@@ -118,6 +118,8 @@ def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0) -> Datasets:
     the arithmetic of a small model. The figures are the same (means over every image)."""
     import tensorflow as tf
 
+    inference_batch = inference_batch_size(batch_size, arrays.input_shape)
+
     def pipeline(x: np.ndarray, y: np.ndarray, shuffle: bool = False) -> tf.data.Dataset:
         ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
         if shuffle:
@@ -127,8 +129,6 @@ def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0) -> Datasets:
             ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
             return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
         return ds.batch(inference_batch).prefetch(tf.data.AUTOTUNE)
-
-    inference_batch = inference_batch_size(batch_size, arrays.input_shape)
 
     sample = np.random.default_rng(seed).permutation(len(arrays.x_train))[:len(arrays.x_val)]
     sample.sort()
