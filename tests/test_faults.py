@@ -146,7 +146,9 @@ def _create(tmp: Path, url: str, name: str, **kw: object) -> None:
 
 def test_kill_9_of_a_child_mid_trial(tmp_path: Path, pg_url: str,
                                      workers: list[Worker]) -> None:
-    _create(tmp_path, pg_url, "kill-child", n_trials=2, epochs=2, family="user_models:tiny")
+    # "slow" sleeps in each step, so a trial lasts ~3 s on any machine: long enough to be seen.
+    _create(tmp_path, pg_url, "kill-child", n_trials=2, epochs=10, patience=10,
+            family="user_models:slow")
     worker = Worker(tmp_path, "w", "--study", "kill-child", "--gpus", "0", storage=pg_url)
     workers.append(worker)
     victim = _wait_for("a running trial", lambda: _running_with_pid(pg_url, "kill-child"),
@@ -170,7 +172,8 @@ def test_kill_9_of_a_child_mid_trial(tmp_path: Path, pg_url: str,
 
 def test_kill_9_of_a_whole_worker_while_another_goes_on(tmp_path: Path, pg_url: str,
                                                         workers: list[Worker]) -> None:
-    _create(tmp_path, pg_url, "kill-node", n_trials=4, epochs=3, family="user_models:tiny")
+    _create(tmp_path, pg_url, "kill-node", n_trials=4, epochs=10, patience=10,
+            family="user_models:slow")
     node_a = Worker(tmp_path, "a", "--study", "kill-node", "--gpus", "none", storage=pg_url)
     node_b = Worker(tmp_path, "b", "--study", "kill-node", "--gpus", "none", storage=pg_url)
     workers += [node_a, node_b]
@@ -341,7 +344,9 @@ def test_database_restart_mid_study(tmp_path: Path, private_pg: tuple[str, Path,
                                     workers: list[Worker]) -> None:
     url, data, port = private_pg
     n_trials = 6
-    _create(tmp_path, url, "restart", n_trials=n_trials, epochs=3, family="user_models:tiny")
+    # ~3 s trials on any machine, so the poll below sees one mid-training before the end.
+    _create(tmp_path, url, "restart", n_trials=n_trials, epochs=10, patience=10,
+            family="user_models:slow")
     for name in ("a", "b"):
         workers.append(Worker(tmp_path, name, "--study", "restart", "--gpus", "none",
                               storage=url, env={"TUNER_GRACE_PERIOD": "5"}))
