@@ -368,7 +368,9 @@ def test_database_restart_mid_study(tmp_path: Path, private_pg: tuple[str, Path,
     assert codes == [0, 0], "".join(w.stdout + w.stderr for w in workers)
     trials = _assert_budget_exact(url, "restart", n_trials)
     states = [t.state.name for t in trials]
-    assert states.count("FAIL") == 0, states  # live trials were not judged dead
+    reasons = [t.user_attrs.get("fail_reason") for t in trials if t.state.name == "FAIL"]
+    assert not reasons, (states, reasons,  # live trials were not judged dead
+                         "".join(w.stdout + w.stderr for w in workers))
     for number, state in before.items():  # nothing finished before the restart was lost
         if state == "COMPLETE":
             assert trials[number].state.name == "COMPLETE"
@@ -379,6 +381,56 @@ def test_database_restart_mid_study(tmp_path: Path, private_pg: tuple[str, Path,
               f"{notes[0] if notes else 'no database error seen (pooled connections checked)'}"
               f"; exit {w.proc.returncode}")
     print(f"[PostgreSQL restart] states before {before}; after: {states}")
+
+
+def test_a_sweep_that_waits_out_an_outage_judges_no_trial_dead(
+        private_pg: tuple[str, Path, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outage begins just after a sweep decided it may judge others, and ends once every
+    heartbeat is older than the grace period. What the retried stale-trial query reads then
+    says nothing about who is alive; the trial is judged only by a later sweep, if its
+    worker really is gone."""
+    from tuner import attrs
+    from tuner.budget import Claimed, Claimer
+    from tuner.storage import ResilientRDBStorage
+
+    url, data, port = private_pg
+    storage = ResilientRDBStorage(url, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="sweep-outage", storage=storage)
+    study.set_user_attr(attrs.SPEC, {"n_trials": 2})
+    held = Claimer(study, storage).claim()
+    assert isinstance(held, Claimed)
+    judge = Claimer(optuna.load_study(study_name="sweep-outage", storage=storage), storage)
+    pg_ctl = [str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-m", "fast"]
+    start = [*pg_ctl, "-l", str(data.parent / "log"), "-o",
+             f"-p {port} -k {data.parent} -c listen_addresses=127.0.0.1 -c fsync=off", "start"]
+    may_judge = judge._may_judge_others
+    allowed: list[bool] = []
+
+    def then_the_server_stops() -> bool:
+        allowed.append(may_judge())
+        if allowed[-1]:
+            _as_postgres(*pg_ctl, "stop")
+            threading.Timer(3, _as_postgres, start).start()  # longer than the grace period
+        return allowed[-1]
+
+    deadline = time.monotonic() + 60
+    while not may_judge():  # a server that just started lets nobody judge yet
+        assert time.monotonic() < deadline, "the fresh server never allowed judging"
+        time.sleep(0.5)
+    storage.record_heartbeat(held.trial_id)  # alive as the sweep begins
+    monkeypatch.setattr(judge, "_may_judge_others", then_the_server_stops)
+    judge.sweep()
+    assert allowed == [True], "the sweep never reached its judgement"
+    assert study.trials[0].state.name == "RUNNING", "judged dead by heartbeats nobody could write"
+
+    monkeypatch.undo()  # the holder never beats again: once judging is allowed, it is dead
+    deadline = time.monotonic() + 60
+    while study.trials[0].state.name == "RUNNING":
+        assert time.monotonic() < deadline, "a trial whose worker is gone was never failed"
+        judge.sweep()
+        time.sleep(0.5)
+    assert study.trials[0].state.name == "FAIL"
+    assert study.trials[1].state.name == "WAITING"  # queued again
 
 
 # --- credentials ----------------------------------------------------------------------------

@@ -335,7 +335,13 @@ class Claimer:
         with self._sweep_lock:
             if not self._may_judge_others():
                 return
-            for trial_id in self.storage._get_stale_trial_ids(self.study_id):
+            recovered = getattr(self.storage, "last_recovered", None)
+            stale = self.storage._get_stale_trial_ids(self.study_id)
+            if getattr(self.storage, "last_recovered", None) != recovered:
+                # The query waited out an outage that began after the check above: it read
+                # the heartbeats nobody could write meanwhile, so every trial looks dead.
+                return
+            for trial_id in stale:
                 self._fail_dead(trial_id)
             now = self.clock()
             with self.storage.engine.connect() as conn:
