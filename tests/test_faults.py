@@ -306,6 +306,17 @@ def _as_postgres(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120, check=True)
 
 
+def _pg_ctl(data: Path, port: int, action: str) -> None:
+    """``pg_ctl start`` (on the cluster's own port and socket directory) or a fast ``stop``."""
+    args = [str(PG_BIN / "pg_ctl"), "-D", str(data), "-w"]
+    if action == "stop":
+        args += ["-m", "fast"]
+    else:
+        args += ["-l", str(data.parent / "log"), "-o", f"-p {port} -k {data.parent} "
+                 "-c listen_addresses=127.0.0.1 -c fsync=off"]
+    _as_postgres(*args, action)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -325,9 +336,7 @@ def private_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     data, port = root / "data", _free_port()
     _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
                  "--no-sync")
-    ctl = [str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w",
-           "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"]
-    _as_postgres(*ctl, "start")
+    _pg_ctl(data, port, "start")
     engine = sqlalchemy.create_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres",
                                       isolation_level="AUTOCOMMIT",
                                       poolclass=sqlalchemy.pool.NullPool)
@@ -358,12 +367,9 @@ def test_database_restart_mid_study(tmp_path: Path, private_pg: tuple[str, Path,
 
     _wait_for("a finished trial and one mid-training", mid_study, workers=workers)
     before = {t.number: t.state.name for t in _trials(url, "restart")}
-    pg_ctl = [str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-m", "fast"]
-    _as_postgres(*pg_ctl, "stop")
+    _pg_ctl(data, port, "stop")
     time.sleep(4)  # a real outage: every worker's next call fails
-    _as_postgres(*pg_ctl, "-l", str(data.parent / "log"), "-o",
-                 f"-p {port} -k {data.parent} -c listen_addresses=127.0.0.1 -c fsync=off",
-                 "start")
+    _pg_ctl(data, port, "start")
     codes = [w.wait() for w in workers]
     assert codes == [0, 0], "".join(w.stdout + w.stderr for w in workers)
     trials = _assert_budget_exact(url, "restart", n_trials)
@@ -400,17 +406,14 @@ def test_a_sweep_that_waits_out_an_outage_judges_no_trial_dead(
     held = Claimer(study, storage).claim()
     assert isinstance(held, Claimed)
     judge = Claimer(optuna.load_study(study_name="sweep-outage", storage=storage), storage)
-    pg_ctl = [str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-m", "fast"]
-    start = [*pg_ctl, "-l", str(data.parent / "log"), "-o",
-             f"-p {port} -k {data.parent} -c listen_addresses=127.0.0.1 -c fsync=off", "start"]
     may_judge = judge._may_judge_others
     allowed: list[bool] = []
 
     def then_the_server_stops() -> bool:
         allowed.append(may_judge())
         if allowed[-1]:
-            _as_postgres(*pg_ctl, "stop")
-            threading.Timer(3, _as_postgres, start).start()  # longer than the grace period
+            _pg_ctl(data, port, "stop")
+            threading.Timer(3, _pg_ctl, (data, port, "start")).start()  # > the grace period
         return allowed[-1]
 
     deadline = time.monotonic() + 60
