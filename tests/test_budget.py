@@ -177,6 +177,49 @@ def test_interrupts_never_use_up_the_crash_retries(pg_url: str) -> None:
     assert reasons.count(attrs.INTERRUPTED) == MAX_RETRY + 3
 
 
+# --- finishing a trial -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "state", "stored_state", "stored_value"), [
+    (0.25, TrialState.COMPLETE, TrialState.COMPLETE, 0.25),
+    (None, TrialState.PRUNED, TrialState.PRUNED, 0.75),  # the last epoch's value
+    (float("nan"), TrialState.COMPLETE, TrialState.FAIL, None),
+    (None, TrialState.FAIL, TrialState.FAIL, None),
+])
+def test_tell_returns_what_the_database_now_holds(
+        pg_url: str, value: float | None, state: TrialState, stored_state: TrialState,
+        stored_value: float | None) -> None:
+    storage = _storage(pg_url)
+    study = _new_study(storage, 2)
+    claimer = Claimer(study, storage)
+    trial = claimer.claim().trial
+    trial.suggest_float("x", 0, 1)
+    trial.report(0.5, 1)
+    trial.report(0.75, 2)
+    trial.set_user_attr("note", "kept")
+    told = claimer.tell(trial, value, state)
+    stored = storage.get_trial(trial._trial_id)
+    assert (told.state, told.value) == (stored.state, stored.value) \
+        == (stored_state, stored_value)
+    for field in ("number", "params", "distributions", "intermediate_values", "user_attrs"):
+        assert getattr(told, field) == getattr(stored, field), field
+    assert claimer.claim().trial.number == 1  # the budget saw it finish
+
+
+def test_tell_refuses_a_trial_another_worker_judged_dead(pg_url: str) -> None:
+    storage = _storage(pg_url)
+    study = _new_study(storage, 2)
+    mine = Claimer(study, storage).claim()
+    mine.trial.suggest_float("x", 0, 1)
+    other = Claimer(optuna.load_study(study_name=study.study_name, storage=storage), storage)
+    _age_heartbeat(storage, mine.trial_id)
+    other.sweep()
+    assert storage.get_trial(mine.trial_id).state == TrialState.FAIL
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        Claimer(study, storage).tell(mine.trial, 0.1)
+    assert storage.get_trial(mine.trial_id).state == TrialState.FAIL
+
+
 # --- the never-beat check does not read the worker's local clock --------------------------------
 
 
@@ -312,15 +355,15 @@ class ClaimPath(RuleBasedStateMachine):
         if w not in self.held:
             return
         trial, _ = self.held.pop(w)
-        study = self.claimers[w].study
+        claimer = self.claimers[w]
         if end == "complete":
-            study.tell(trial, trial.params["x"])
+            claimer.tell(trial, trial.params["x"])
         elif end == "prune":
-            study.tell(trial, state=TrialState.PRUNED)
+            claimer.tell(trial, state=TrialState.PRUNED)
         elif end == "fail":
-            study.tell(trial, state=TrialState.FAIL)
+            claimer.tell(trial, state=TrialState.FAIL)
         else:
-            self.claimers[w].give_back(trial)
+            claimer.give_back(trial)
 
     @rule(w=st.integers(0, WORKERS - 1))
     def die(self, w: int) -> None:
@@ -401,7 +444,7 @@ class ClaimPath(RuleBasedStateMachine):
             for w in range(WORKERS):
                 if w in self.held:
                     trial, _ = self.held.pop(w)
-                    self.claimers[w].study.tell(trial, 0.5)
+                    self.claimers[w].tell(trial, 0.5)
                 elif w not in stopped:
                     verdict, trial_id = self.claimers[w].claim_once()
                     if verdict.decision is Decision.STOP:

@@ -37,6 +37,8 @@ id and cached epochs, the storage's stale-trial query).
 from __future__ import annotations
 
 import contextlib
+import copy
+import datetime
 import enum
 import fcntl
 import math
@@ -273,6 +275,41 @@ class Claimer:
                 continue
         return None
 
+    # --- finishing --------------------------------------------------------------------------
+
+    def tell(self, trial: optuna.Trial, value: float | None = None,
+             state: TrialState = TrialState.COMPLETE) -> FrozenTrial:
+        """``Study.tell``, from the trial's own up-to-date copy: one write.
+
+        Optuna's reads the trial back from the database before the write and again after it,
+        14 of the trial's round trips for nothing this process does not already hold (its
+        parameters, epochs and attributes: :func:`remember_report`, :func:`remember_attrs`).
+        As there, a value that is not a finite number fails the trial, a pruned trial keeps
+        its last epoch's value, and the sampler hears of the result first. Raises
+        ``UpdateFinishedTrialError`` if the trial is no longer running (another worker
+        judged it dead).
+        """
+        frozen = copy.deepcopy(trial._cached_frozen_trial)
+        values: list[float] | None = None
+        if state == TrialState.COMPLETE:
+            if value is not None and math.isfinite(value):
+                values = [float(value)]
+            else:
+                state = TrialState.FAIL
+        elif state == TrialState.PRUNED and frozen.last_step is not None:
+            last = frozen.intermediate_values[frozen.last_step]
+            if math.isfinite(last):
+                values = [float(last)]
+        self.study._thread_local.cached_all_trials = None  # as Study.tell does (optuna 5)
+        try:
+            self.study.sampler.after_trial(optuna.pruners._filter_study(self.study, frozen),
+                                           frozen, state, values)
+        finally:
+            self.study._storage.set_trial_state_values(frozen._trial_id, state, values)
+        frozen.state, frozen.values = state, values
+        frozen.datetime_complete = datetime.datetime.now()
+        return frozen
+
     # --- giving back ------------------------------------------------------------------------
 
     def give_back(self, trial: optuna.Trial, reason: str = attrs.INTERRUPTED) -> None:
@@ -283,7 +320,7 @@ class Claimer:
         with budget_lock(self.storage, self.study.study_name):
             try:
                 trial.set_user_attr(attrs.FAIL_REASON, reason)
-                frozen = self.study.tell(trial, state=TrialState.FAIL)
+                frozen = self.tell(trial, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 return  # another worker already judged it dead and queued it again
             self._requeue(frozen, counts_as_retry=False)
@@ -385,6 +422,14 @@ def remember_report(trial: optuna.Trial, step: int, value: float) -> None:
     """What ``Trial.report`` does once the value is written: the pruner reads a trial's
     intermediate values from the trial's own copy (``Trial.should_prune``, optuna 5)."""
     trial._cached_frozen_trial.intermediate_values[step] = value
+
+
+def remember_attrs(trial: optuna.Trial, values: dict[str, Any],
+                   system: dict[str, Any] | None = None) -> None:
+    """What ``Trial.set_user_attr`` does once the values are written: the trial's own copy,
+    which :meth:`Claimer.tell` returns, holds them too."""
+    trial._cached_frozen_trial.user_attrs.update(values)
+    trial._cached_frozen_trial.system_attrs.update(system or {})
 
 
 def grace_period(storage: RDBStorage) -> float:

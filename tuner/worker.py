@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from tuner import attrs, optuna_sql
 from tuner import study as studies
-from tuner.budget import Claimed, Claimer, grace_period, remember_report
+from tuner.budget import Claimed, Claimer, grace_period, remember_attrs, remember_report
 from tuner.dashboard import FigurePublisher
 from tuner.errors import RuntimeFailure
 from tuner.pruning import warmup_epochs
@@ -156,11 +156,11 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                     finally:
                         signals.disarm()
                         recorder.close()
-                    frozen = study.tell(trial, result.val_loss)
+                    frozen = claimer.tell(trial, result.val_loss)
                     retention.prune()
                     failures_in_a_row = 0
                 except optuna.TrialPruned:
-                    frozen = study.tell(trial, state=TrialState.PRUNED)
+                    frozen = claimer.tell(trial, state=TrialState.PRUNED)
                     failures_in_a_row = 0
                 except Interrupted:
                     claimer.give_back(trial)
@@ -184,7 +184,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                         _log.warning("trial %d failed: %s", trial.number, reason)
                     try:
                         trial.set_user_attr(attrs.FAIL_REASON, reason)
-                        frozen = study.tell(trial, state=TrialState.FAIL)
+                        frozen = claimer.tell(trial, state=TrialState.FAIL)
                     except optuna.exceptions.UpdateFinishedTrialError:
                         continue
                     failures_in_a_row += 1
@@ -260,6 +260,7 @@ class SqlRecorder:
                     optuna_sql.set_trial_system_attrs(conn, self.trial_id, system)
 
         retry_on_disconnect(self.storage, write)
+        remember_attrs(self.trial, values, system)
 
     def epoch(self, step: int, value: float, curve: dict[str, list[float]]) -> None:
         self._raise_refusal()
