@@ -105,6 +105,20 @@ def _warm(url: str, path: Path, artifacts: Path, pairs: int) -> dict[str, list[f
                    url, "--artifacts", str(artifacts), "--warm", str(pairs)])[2]
 
 
+def ratio_interval(bare: list[float], tuner: list[float], draws: int = 4000,
+                   seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the ratio of medians, the pairs resampled (bootstrap): how far the
+    machine's noise alone could move the figure."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = list(zip(bare, tuner, strict=True))
+    ratios = sorted(
+        statistics.median(t for _, t in sample) / statistics.median(b for b, _ in sample)
+        for sample in ([rng.choice(pairs) for _ in pairs] for _ in range(draws)))
+    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
+
+
 def main() -> None:
     args = parse_args(__doc__, lambda p: (p.add_argument("--repeats", type=int),
                                           p.add_argument("--warm-pairs", type=int, default=11)))
@@ -185,6 +199,7 @@ def main() -> None:
     warm_ratio = statistics.median(warm["tuner"]) / statistics.median(warm["bare"])
     cpu_ratio = statistics.median(warm["tuner_cpu"]) / statistics.median(warm["bare_cpu"])
     pair_ratios = [t / b for b, t in zip(warm["bare"], warm["tuner"], strict=True)]
+    low, high = ratio_interval(warm["bare"], warm["tuner"])
     t4 = table(["warm worker, per trial", "bare fit s", "tuner trial s", "b/a",
                 "bare CPU s", "tuner CPU s", "CPU b/a", "goal"],
                [(f"pair {i + 1}", b, t, t / b, bc, tc, tc / bc, "") for i, (b, t, bc, tc) in
@@ -194,12 +209,15 @@ def main() -> None:
                    warm_ratio, statistics.median(warm["bare_cpu"]),
                    statistics.median(warm["tuner_cpu"]), cpu_ratio, "<= 1.05"),
                   ("median of the pairs' ratios", "", "", statistics.median(pair_ratios), "",
-                   "", "", "")])
+                   "", "", ""),
+                  ("95 % interval of b/a (pairs resampled)", "", "",
+                   f"{low:.3f} - {high:.3f}", "", "", "", "")])
     write_result(args, "overhead", {"warm_ratio": warm_ratio, "warm": warm,
         "epochs": epochs, "repeats": repeats, "fixed": FIXED, "batch_size": batch,
         "limit": limit, "wall_ratio": wall_ratio, "fit_ratio": fit_ratio,
         "warm_cpu_ratio": cpu_ratio,
         "warm_pair_ratio_median": statistics.median(pair_ratios),
+        "warm_ratio_interval": [low, high],
         "goal_met": warm_ratio <= 1.05, "bare": bare_runs, "tuner": tuner_runs,
         "probes": probes}, [t1, t2, t3, t4])
 

@@ -15,7 +15,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 EXPECTED = {
-    "bench_overhead": ("overhead", {"wall_ratio", "fit_ratio", "bare", "tuner", "probes"}),
+    "bench_overhead": ("overhead", {"wall_ratio", "fit_ratio", "bare", "tuner", "probes",
+                                       "warm_ratio_interval"}),
     "bench_epochs": ("epochs", {"trials", "goal_met"}),
     "bench_storage": ("storage", {"cells", "history_reads", "goal", "add_trials_per_s",
                                   "peak_connections_at_max_workers"}),
