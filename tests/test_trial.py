@@ -264,3 +264,35 @@ def test_epochs_written_behind_training_arrive_in_order_and_before_the_last_attr
     recorder.close()
     assert not recorder._thread.is_alive()
     storage.engine.dispose()
+
+
+@pytest.mark.parametrize("recorder", ["worker's (SQL)", "Optuna's"])
+def test_a_trial_told_from_its_own_copy_matches_the_database(arrays, tmp_path, pg_url,
+                                                              recorder) -> None:
+    """The worker tells a trial without reading it back (``Claimer.tell``): what it returns,
+    and prints, must be what was stored, attributes and the model's record included."""
+    from tuner.budget import Claimer
+    from tuner.storage import open_storage
+    from tuner.worker import SqlRecorder
+
+    storage = open_storage(pg_url)
+    study = optuna.create_study(storage=storage, study_name="told")
+    claimed = Claimer(study, storage).claim()
+    trial = claimed.trial
+    sql = SqlRecorder(trial, storage, claimed.trial_id) if recorder.startswith("worker") \
+        else None
+    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path))
+    spec = spec_for({"dropout": 0.1, "l2": 1e-4, "augment": 0.1})
+    try:
+        result = run_trial(trial, spec, arrays, make_datasets(arrays, 64), store,
+                           recorder=sql)
+    finally:
+        if sql is not None:
+            sql.close()
+    told = Claimer(study, storage).tell(trial, result.val_loss)
+    stored = storage.get_trial(claimed.trial_id)
+    assert told.user_attrs == stored.user_attrs and told.user_attrs["epochs_run"] == 2
+    assert told.system_attrs == stored.system_attrs
+    assert any(key.startswith("artifacts:") for key in told.system_attrs)
+    assert (told.state, told.value, told.params, told.intermediate_values) == \
+        (stored.state, stored.value, stored.params, stored.intermediate_values)

@@ -35,6 +35,7 @@ import optuna
 
 from tuner import attrs, optuna_sql
 from tuner.augment import build_augmentation
+from tuner.budget import remember_attrs
 from tuner.dashboard import RANDOM_STATE
 from tuner.data import Arrays, Datasets
 from tuner.models import resolve_family
@@ -132,6 +133,7 @@ class OptunaRecorder:
     def attrs(self, values: dict[str, Any], system: dict[str, Any] | None = None) -> None:
         for key, value in (system or {}).items():
             self.trial.storage.set_trial_system_attr(self.trial._trial_id, key, value)
+        remember_attrs(self.trial, {}, system)  # the user attributes: set_user_attr does it
         for key, value in values.items():
             self.trial.set_user_attr(key, value)
 

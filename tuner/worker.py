@@ -235,7 +235,8 @@ class SqlRecorder:
 
     Epochs are written by a thread of their own, in order, so training never waits for the
     database: the pruner reads this trial's values from the trial's own copy, updated at
-    once (:func:`tuner.budget.remember_report`). Epochs that queue up while the database is
+    once (:func:`tuner.budget.remember_report`; its curve and attributes too, which
+    :meth:`tuner.budget.Claimer.tell` returns). Epochs that queue up while the database is
     slow go in one transaction. :meth:`attrs` first waits for every epoch to be written, so a
     trial's last attributes, and its tell, come after its curve. A refusal (another worker
     judged the trial dead) is raised at the next epoch or at :meth:`attrs`.
@@ -268,6 +269,7 @@ class SqlRecorder:
         with self._changed:
             self._queued.append((step, value))
             self._curve = {key: list(points) for key, points in curve.items()}
+            remember_attrs(self.trial, {attrs.CURVE: self._curve})
             if self._thread is None:
                 self._thread = threading.Thread(target=self._write_epochs, daemon=True,
                                                 name=f"tuner-epochs-{self.trial.number}")
