@@ -13,8 +13,9 @@ warm-up 1); the median and the 25th percentile after 1 epoch; the patient median
 the trial still improves); Hyperband and successive halving from the first epoch and after 1
 epoch. 24 trials a search: with 5 unpruned startup trials, even a pruner that stopped every
 other trial after 2 epochs would save at most 24 x E / (5 x E + 19 x 2), 3.2x at E = 15.
-Wilcoxon is not among them: Optuna's WilcoxonPruner compares a trial's scores on the same
+Wilcoxon is not run here: Optuna's WilcoxonPruner compares a trial's scores on the same
 *instances* as the best trial's, and epochs of one training run are not exchangeable instances.
+``replay_pruning.py`` replays it on the unpruned searches' curves instead.
 """
 
 from __future__ import annotations

@@ -5,9 +5,13 @@ price of the unpruned searches ``bench_pruning.py`` already ran.
 curve of every configuration its sampler proposed, so a pruning rule can be replayed on it
 offline: the trials are told to a fresh in-memory study in their order, each epoch is reported
 to tuner's own pruner (``tuner.pruning.make_pruner``, the code a worker runs), and a trial the
-pruner stops keeps only the epochs it trained. Per rule: the epochs all trials trained, and
-the best validation loss and the test loss of the trial the search would pick (its best
-completed trial), each against the unpruned search, for the first 12, 24 and 48 trials.
+pruner stops keeps only the epochs it trained. Optuna's WilcoxonPruner is replayed too, as a
+plain Optuna script would use it with epochs as its steps: it tests whether a trial's curve is
+worse than the best trial's, epoch by epoch (paired). It was made for scores on the same
+*instances* (folds, problems), and a curve's epochs are not exchangeable instances; the replay
+shows what it gives anyway. Per rule: the epochs all trials trained, and the best validation
+loss and the test loss of the trial the search would pick (its best completed trial), each
+against the unpruned search, for the first 12, 24 and 48 trials.
 
 What a replay cannot show: a real pruned search tells its sampler other results, so from the
 first pruned trial on it proposes other configurations. The replay keeps the unpruned order.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,8 +43,24 @@ RULES = [("median (default)", "median", None, None),
          ("percentile 25, default warm-up", "percentile", None, None),
          ("patient median", "patient", None, None),
          ("hyperband, warm-up 0", "hyperband", 0, None),
-         ("successive halving, warm-up 1", "successive-halving", 1, None)]
+         ("successive halving, warm-up 1", "successive-halving", 1, None),
+         ("wilcoxon p 0.1, default warm-up", "wilcoxon:0.1", None, None),
+         ("wilcoxon p 0.1, warm-up 1", "wilcoxon:0.1", 1, None),
+         ("wilcoxon p 0.05, default warm-up", "wilcoxon:0.05", None, None)]
 SIZES = (12, 24, 48)
+
+
+def _rule(kind: str, spec: Any) -> Any:
+    """tuner's pruner for ``kind``, or Optuna's WilcoxonPruner (``wilcoxon:P``) as a plain
+    Optuna script would use it, from the same first epoch as tuner's rules."""
+    import optuna
+
+    from tuner import pruning
+
+    if not kind.startswith("wilcoxon:"):
+        return pruning.make_pruner(replace(spec))
+    return optuna.pruners.WilcoxonPruner(p_threshold=float(kind.split(":")[1]),
+                                         n_startup_steps=pruning.warmup_epochs(spec) + 1)
 
 
 def replay(curves: list[dict[str, Any]], pruner: Any) -> dict[str, float]:
@@ -47,7 +68,8 @@ def replay(curves: list[dict[str, Any]], pruner: Any) -> dict[str, float]:
     picked."""
     import optuna
 
-    study = optuna.create_study(direction="minimize", pruner=pruner)
+    # A fixed name: Hyperband puts a trial in its bracket by a hash of the study's name.
+    study = optuna.create_study(study_name="replay", direction="minimize", pruner=pruner)
     epochs = 0
     kept: list[tuple[float, float | None]] = []  # (best val_loss, test loss) of completed
     for c in curves:
@@ -81,6 +103,9 @@ def main() -> None:
     from tuner.spec import load_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    # A best trial that early stopping ended sooner has fewer epochs: Wilcoxon pairs the rest.
+    warnings.filterwarnings("ignore", "WilcoxonPruner finds steps existing in the current")
     from _datasets import datasets
 
     known = {d.name: d for d in datasets(args.out / "data")}
@@ -95,13 +120,14 @@ def main() -> None:
         for size in [s for s in SIZES if s <= len(curves)] or [len(curves)]:
             base = replay(curves[:size], optuna.pruners.NopPruner())
             for label, kind, warmup, startup in RULES:
-                spec = load_spec(study_file(args.out / "replay", "replay", ds, seed=0,
-                                            pruner=kind, n_trials=size,
-                                            pruner_warmup=warmup))
+                spec = load_spec(study_file(
+                    args.out / "replay", "replay", ds, seed=0, n_trials=size,
+                    pruner="median" if kind.startswith("wilcoxon:") else kind,
+                    pruner_warmup=warmup))
                 default = pruning.STARTUP_TRIALS
                 pruning.STARTUP_TRIALS = default if startup is None else startup
                 try:
-                    got = replay(curves[:size], pruning.make_pruner(replace(spec)))
+                    got = replay(curves[:size], _rule(kind, spec))
                 finally:
                     pruning.STARTUP_TRIALS = default
                 results.append({
