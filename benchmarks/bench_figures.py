@@ -4,9 +4,11 @@
    MLP, no early stop) on PostgreSQL; the stored ``curve`` attribute's size, and the bytes
    written for it over the trial (it is rewritten at every epoch).
 2. A figure update (``FigurePublisher.update``: read the trials, draw both figures, save them
-   and the note) on studies of 20, 200 and 1,000 completed 20-epoch trials on PostgreSQL, and
+   and the note) on studies of 20 to 10,000 completed 20-epoch trials on PostgreSQL, and
    the throttled check every other finished trial pays; the bytes the figures take in the
-   study and the transactions one update commits.
+   study and the transactions one update commits; the wait between two updates that follows
+   (``$TUNER_FIGURE_INTERVAL``'s 30 s, or 50 times an update's cost if longer) and the share
+   of one worker's time the figures then take.
 
 ``--quick``: 3 epochs and studies of 20 trials.
 """
@@ -76,7 +78,8 @@ def update_cost(url: str, n: int, epochs: int, repeats: int) -> dict[str, float]
     import sqlalchemy
 
     from tuner import study as studies
-    from tuner.dashboard import FigurePublisher
+    from tuner.dashboard import COST_MULTIPLE, FigurePublisher
+    from tuner.settings import figure_interval
     from tuner.spec import load_spec
     from tuner.storage import open_storage
 
@@ -108,6 +111,7 @@ def update_cost(url: str, n: int, epochs: int, repeats: int) -> dict[str, float]
         t0 = time.perf_counter()
         assert not publisher.after_trial()  # throttled: one read of the study's attributes
         checks.append(time.perf_counter() - t0)
+    wait = max(figure_interval(), COST_MULTIPLE * statistics.median(times))
     engine = sqlalchemy.create_engine(url)
     with engine.connect() as conn:
         size = conn.execute(sqlalchemy.text(
@@ -120,13 +124,14 @@ def update_cost(url: str, n: int, epochs: int, repeats: int) -> dict[str, float]
             "throttled_check_ms_median": round(1000 * statistics.median(checks), 2),
             "transactions_per_update": int(statistics.median(commits)),
             "statements_per_update": int(statistics.median(statements)),
-            "figure_and_note_bytes": int(size)}
+            "figure_and_note_bytes": int(size), "wait_s": round(wait, 1),
+            "worker_share": round(statistics.median(times) / wait, 4)}
 
 
 def main() -> None:
     args = c.parse_args(__doc__)
     epochs = 3 if args.quick else 20
-    sizes = [20] if args.quick else [20, 200, 1000]
+    sizes = [20] if args.quick else [20, 200, 1000, 4000, 10000]
     with c.throwaway_database("tuner_bench_curve") as url:
         curve = curve_bytes(url, epochs)
     updates = []
@@ -140,10 +145,11 @@ def main() -> None:
                   curve["bytes_per_epoch"], curve["written_over_trial"]]]),
         c.table(["completed trials", "update (median s)", "first update s",
                  "throttled check (ms)", "commits/update", "statements/update",
-                 "figures + note bytes"],
+                 "figures + note bytes", "wait between updates s", "share of a worker"],
                 [[u["trials"], u["update_s_median"], u["update_s_first"],
                   u["throttled_check_ms_median"], u["transactions_per_update"],
-                  u["statements_per_update"], u["figure_and_note_bytes"]] for u in updates]),
+                  u["statements_per_update"], u["figure_and_note_bytes"],
+                  u["wait_s"], u["worker_share"]] for u in updates]),
     ]
     c.write_result(args, "figures", {"curve": curve, "updates": updates}, tables)
 

@@ -10,6 +10,7 @@ the figures the workers saved; two processes updating the figures at once lose n
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from optuna.trial import create_trial
 from test_dashboard import STUDY as DASH_STUDY
 from test_dashboard import _chromium, _get, dashboard  # noqa: F401 - the fixture
 
-from tuner import render
+from tuner import attrs, render
 from tuner import study as studies
 from tuner.dashboard import CURVES_ID, KNOBS_ID, FigurePublisher
 from tuner.spec import load_spec
@@ -181,24 +182,60 @@ DISTS = {"dropout": FloatDistribution(0.0, 0.5), "l2": FloatDistribution(1e-6, 1
 def _finish_trials(url: str, name: str, worker: int, n: int) -> None:
     """What a worker does around its figures: finish a trial (real curves, no training),
     then ask for an update; at the end the final one. Runs in its own process."""
-    import random
-
     storage = open_storage(url, heartbeat=False)
     study, _ = studies.load(name, storage)
     publisher = FigurePublisher(study, storage, interval=0)
     rng = random.Random(worker)
     for _ in range(n):
-        val = [2.0 - 0.3 * e + 0.05 * e * e + rng.uniform(0, 0.1) for e in range(6)]
-        train = [v - 0.05 * e for e, v in enumerate(val)]
-        best = val.index(min(val)) + 1
-        study.add_trial(create_trial(
-            params={"dropout": rng.uniform(0, 0.5), "l2": 10 ** rng.uniform(-6, -2),
-                    "augment": rng.uniform(0, 0.5)}, distributions=DISTS, value=min(val),
-            user_attrs={"curve": {"t": list(range(6)), "val_loss": val, "train_loss": train},
-                        "best_epoch": best, "gap": val[best - 1] - train[best - 1],
-                        "worker": worker}))
+        _finish_one(study, rng, worker)
         assert publisher.update(), "an update with interval 0 was skipped"
     publisher.final()
+
+
+def _finish_one(study: optuna.Study, rng: random.Random, worker: int = 0) -> None:
+    """A completed trial with a real-looking 6-epoch curve, no training."""
+    val = [2.0 - 0.3 * e + 0.05 * e * e + rng.uniform(0, 0.1) for e in range(6)]
+    train = [v - 0.05 * e for e, v in enumerate(val)]
+    best = val.index(min(val)) + 1
+    study.add_trial(create_trial(
+        params={"dropout": rng.uniform(0, 0.5), "l2": 10 ** rng.uniform(-6, -2),
+                "augment": rng.uniform(0, 0.5)}, distributions=DISTS, value=min(val),
+        user_attrs={"curve": {"t": list(range(6)), "val_loss": val, "train_loss": train},
+                    "best_epoch": best, "gap": val[best - 1] - train[best - 1],
+                    "worker": worker}))
+
+
+def test_figures_wait_the_interval_or_fifty_times_their_cost(any_url: str,
+                                                            tmp_path: Path) -> None:
+    """Across workers (the times live in the study), and longer when an update is slow: at
+    10,000 trials one takes seconds, and a worker must not spend more than 2 % drawing."""
+    spec = load_spec(write_study(tmp_path, "throttle", n_trials=40))
+    storage = open_storage(any_url, heartbeat=False)
+    study, _ = studies.create_or_resume(spec, storage)
+    rng = random.Random(0)
+    for _ in range(3):
+        _finish_one(study, rng)
+    first, other = (FigurePublisher(study, storage, interval=30) for _ in range(2))
+    assert first.update() and first.updates == 1
+    assert attrs.FIGURES_SECONDS not in study.user_attrs, "a cold update's imports counted"
+    assert not other.update() and not other.after_trial(), "another worker's update ignored"
+    assert first.update(force=True)  # a warm update records what it took
+    took = study.user_attrs[attrs.FIGURES_SECONDS]
+    assert 0 < took < 30
+
+    def last_update_ago(seconds: float, cost: float) -> None:
+        study.set_user_attr(attrs.FIGURES_UPDATED, time.time() - seconds)
+        study.set_user_attr(attrs.FIGURES_SECONDS, cost)
+
+    last_update_ago(31, 0.2)  # cheap: the interval rules
+    assert other.update()
+    last_update_ago(31, 2.0)  # 2 s a draw (a very large study): 100 s between two
+    assert not other.update()
+    last_update_ago(99, 2.0)
+    assert not other.update()
+    last_update_ago(101, 2.0)
+    assert other.update()
+    assert FigurePublisher(study, storage, interval=0).update(), "interval 0 throttled"
 
 
 @pytest.mark.slow
