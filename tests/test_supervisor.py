@@ -3,6 +3,7 @@ checked with explicit device lists (no GPU needed)."""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -25,8 +26,8 @@ from tuner.supervisor import (
 
 def test_gpus_none_and_explicit_lists() -> None:
     assert parse_gpus("none") == []
-    assert parse_gpus("0,2") == ["0", "2"]
-    assert parse_gpus(" 3 ") == ["3"]
+    assert parse_gpus("0,2", discover=False) == ["0", "2"]
+    assert parse_gpus(" 3 ", discover=False) == ["3"]
     assert parse_gpus("GPU-8f6e2c1a-1b2c-3d4e") == ["GPU-8f6e2c1a-1b2c-3d4e"]
 
 
@@ -91,3 +92,54 @@ def test_unknown_study_is_a_user_error_before_any_child_starts(tmp_path: Path,
     assert result.stderr.strip().splitlines() == [
         "tuner: error: unknown study 'knwon': did you mean 'known'?"]
     assert "started process" not in result.stdout
+
+
+def _node_with_gpus(tmp_path: Path, count: int) -> dict[str, str]:
+    """PATH with an ``nvidia-smi`` that lists ``count`` GPUs, as the driver's does (this
+    machine has none)."""
+    bin_dir = tmp_path / "node-bin"
+    bin_dir.mkdir()
+    lines = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08x}-0000-0000-0000)\\n"
+                    for i in range(count))
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\nprintf '{lines}'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_a_gpu_index_the_node_lacks_is_a_user_error(tmp_path: Path, pg_url: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else its process would see no GPU and train on the CPU, and nothing would say so."""
+    node = _node_with_gpus(tmp_path, 2)
+    monkeypatch.setenv("PATH", node["PATH"])
+    assert parse_gpus("0,1") == ["0", "1"]
+    with pytest.raises(UserError, match="no GPU 2; nvidia-smi -L lists 0, 1"):
+        parse_gpus("0,2")
+    write_study(tmp_path, "gpus")
+    assert run_tuner("create", str(tmp_path / "gpus.toml"), "--storage", pg_url).returncode == 0
+    result = run_tuner("worker", "--study", "gpus", "--storage", pg_url, "--gpus", "1,2",
+                       env=node)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "tuner: error: --gpus: this node has no GPU 2; nvidia-smi -L lists 0, 1 "
+        "(or use --gpus all)"]
+    assert "started process" not in result.stdout
+
+
+def test_a_process_pinned_to_a_gpu_tensorflow_cannot_see_says_so(tmp_path: Path,
+                                                                 pg_url: str) -> None:
+    """The usual cause on a GPU node: TensorFlow installed without its CUDA libraries. The
+    trials still run (on the CPU), and the log says why they are slow and what to install."""
+    write_study(tmp_path, "pinned", n_trials=2, epochs=1)
+    assert run_tuner("create", str(tmp_path / "pinned.toml"), "--storage",
+                     pg_url).returncode == 0
+    result = run_tuner("worker", "--study", "pinned", "--storage", pg_url, "--gpus", "0",
+                       "--n-trials", "1", env=_node_with_gpus(tmp_path, 1))
+    assert result.returncode == 0, result.stderr
+    assert "[gpu0] warning: TensorFlow sees no GPU, though CUDA_VISIBLE_DEVICES=0: trials " \
+        "train on the CPU." in result.stdout, result.stdout
+    assert "pip install 'tensorflow[and-cuda]==2." in result.stdout
+    assert "[gpu0] trial    0  COMPLETE" in result.stdout
+    cpu = run_tuner("run", str(tmp_path / "pinned.toml"), "--storage", pg_url, "--n-trials",
+                    "1", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert cpu.returncode == 0 and "trial    1  COMPLETE" in cpu.stdout, cpu.stdout
+    assert "sees no GPU" not in cpu.stdout  # nothing pinned: the CPU is what was asked for

@@ -25,7 +25,7 @@ def run(opts: argparse.Namespace, out: TextIO) -> int:
         summary = work(storage, study, spec, n_trials=opts.n_trials, timeout=opts.timeout,
                        artifacts=opts.artifacts,
                        progress=lambda o: _say(out, render.outcome(o, spec.model.epochs)),
-                       notice=lambda line: _say(out, line.capitalize()))
+                       notice=lambda line: _say(out, line[:1].upper() + line[1:]))
     except Interrupted:
         _say(out, render.run_interrupted())
         return ExitCode.OK

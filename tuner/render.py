@@ -127,6 +127,13 @@ def waiting() -> str:
             "back (Ctrl-C stops waiting)")
 
 
+def no_gpu_seen(visible: str, tensorflow_version: str) -> str:
+    return (f"warning: TensorFlow sees no GPU, though CUDA_VISIBLE_DEVICES={visible}: trials "
+            "train on the CPU. On a GPU node, check the index against `nvidia-smi -L`, and "
+            "install TensorFlow's CUDA libraries: "
+            f"pip install 'tensorflow[and-cuda]=={tensorflow_version}'")
+
+
 def run_done(stopped_because: str) -> str:
     return f"Done: {stopped_because}."
 

@@ -64,7 +64,8 @@ class Slot:
 def parse_gpus(text: str, visible: str | None = None,
                discover: bool = True) -> list[str]:
     """``--gpus`` → device ids. ``all``: ``visible`` (``$CUDA_VISIBLE_DEVICES``) if set, else
-    every GPU ``nvidia-smi -L`` lists; ``none`` (or no GPU found): ``[]``, i.e. the CPU."""
+    every GPU ``nvidia-smi -L`` lists; ``none`` (or no GPU found): ``[]``, i.e. the CPU. An
+    explicit index must be one ``nvidia-smi -L`` lists, where it runs (``discover``)."""
     text = text.strip()
     if text == "none":
         return []
@@ -80,6 +81,12 @@ def parse_gpus(text: str, visible: str | None = None,
     if len(set(devices)) != len(devices):
         raise UserError(f"--gpus: {text!r} names a GPU twice; use --trials-per-gpu K to run "
                         "K processes on each GPU")
+    # A wrong index would not fail anywhere: TensorFlow would see no GPU and train on the CPU.
+    known = _nvidia_smi_gpus() if discover and any(d.isdigit() for d in devices) else []
+    missing = [d for d in devices if d.isdigit() and known and d not in known]
+    if missing:
+        raise UserError(f"--gpus: this node has no GPU {missing[0]}; nvidia-smi -L lists "
+                        f"{', '.join(known)} (or use --gpus all)")
     return devices
 
 

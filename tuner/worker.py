@@ -34,7 +34,7 @@ from tuner.budget import Claimed, Claimer, grace_period, remember_attrs, remembe
 from tuner.dashboard import FigurePublisher
 from tuner.errors import RuntimeFailure
 from tuner.pruning import warmup_epochs
-from tuner.render import duration
+from tuner.render import duration, no_gpu_seen, waiting
 from tuner.retention import Retention
 from tuner.settings import artifacts_dir
 from tuner.spec import StudySpec
@@ -100,7 +100,12 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
         return Summary(0, verdict.reason)
     from tuner.tfsetup import init_tensorflow
 
-    init_tensorflow()  # TensorFlow only where trials run
+    gpus = init_tensorflow()  # TensorFlow only where trials run
+    pinned = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if not gpus and pinned.strip() not in ("", "-1") and notice is not None:
+        from importlib.metadata import version  # else a GPU node silently trains on its CPU
+
+        notice(no_gpu_seen(pinned, version("tensorflow")))
     from tuner.data import load_arrays, make_datasets
     from tuner.trial import TrialDiverged, run_trial
 
@@ -125,8 +130,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
             def wait(seconds: float) -> None:
                 nonlocal waited
                 if not waited and notice is not None:
-                    notice("waiting: every trial left in the budget is running, and one may "
-                           "still be given back (Ctrl-C stops waiting)")
+                    notice(waiting())
                 waited = True
                 signals.sleep(seconds)
 
