@@ -13,7 +13,7 @@ SPEC = "spec"  # the study file as JSON: what every worker needs to run a trial
 ARTIFACTS = "artifacts"  # the directory of saved models, recorded when the study was created
 CLOCK_STARTED = "clock_started_at"  # UTC seconds when the first trial was claimed (time budget)
 FIGURES_UPDATED = "figures_updated_at"  # UTC seconds of the last dashboard figure update
-FIGURES_SECONDS = "figures_seconds"  # what that update took: the next waits 50 times as long
+FIGURES_SECONDS = "figures_seconds"  # its processor seconds: the next waits 50 times as long
 CONFIRM = "confirm"  # the confirm step: {"top", "seeds", "configs": [trial numbers], "trials"}
 
 # --- trial attributes ----------------------------------------------------------------------

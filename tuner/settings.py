@@ -13,8 +13,8 @@ heartbeat interval / grace period      ``$TUNER_HEARTBEAT_INTERVAL`` (10 s),
                                        ``$TUNER_GRACE_PERIOD`` (30 s)
 database retries                       ``$TUNER_DB_RETRY_SECONDS`` (300 s)
 dashboard figure updates               at most one per ``$TUNER_FIGURE_INTERVAL`` (30 s) per
-                                       study, or per 50 times the last update's cost if
-                                       longer; and one when a worker stops
+                                       study, or per 50 times the last update's processor
+                                       time if longer; and one when a worker stops
 =====================================  ==========================================================
 """
 
