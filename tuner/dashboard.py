@@ -136,7 +136,7 @@ class FigurePublisher:
     most one update per ``interval`` seconds per study (decided through the study attribute
     ``figures_updated_at``, so across workers), or one per :data:`COST_MULTIPLE` times the
     processor time the last update took, if that is longer (``figures_seconds``): an update
-    reads and draws every trial, 0.4 s at 1,000 trials and 1.7 s at 10,000, so the figures
+    reads and draws every trial, 0.3 s at 1,000 trials and 1.4 s at 10,000, so the figures
     never take more than 2 % of a worker's processor however large the study grows. Time
     spent waiting (a database outage, the lock) is not counted: it costs the worker nothing.
     Plus the final one, which always runs. A failed update is logged and never stops a
