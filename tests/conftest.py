@@ -101,6 +101,18 @@ def write_study(directory: Path, name: str = "tiny", *, n_trials: int = 3, epoch
     return path
 
 
+def fake_nvidia_smi(bin_dir: Path, gpus: int) -> Path:
+    """``bin_dir`` with an ``nvidia-smi`` that lists ``gpus`` GPUs as the driver's does (the
+    machines tests run on have none), and tells on its callers (``called`` appears beside it)."""
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    lines = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08x}-0000-0000-0000)\\n"
+                    for i in range(gpus))
+    smi.write_text(f"#!/bin/sh\necho \"$*\" >> '{bin_dir}/called'\nprintf '{lines}'\n")
+    smi.chmod(0o755)
+    return bin_dir
+
+
 def run_tuner(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
               timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """The real ``tuner`` command (``python -m tuner``) in a subprocess."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from conftest import run_tuner, write_study
+from conftest import fake_nvidia_smi, run_tuner, write_study
 from slurm_cluster import SlurmCluster, missing_requirements
 
 from tuner.supervisor import STOP_GRACE_SECONDS
@@ -53,14 +53,7 @@ def slurm() -> Iterator[SlurmCluster]:
 def node_bin(tmp_path: Path) -> Path:
     """A directory with an ``nvidia-smi`` that lists every GPU of the node, and tells on its
     callers (``called`` appears beside it)."""
-    bin_dir = tmp_path / "node-bin"
-    bin_dir.mkdir()
-    smi = bin_dir / "nvidia-smi"
-    gpus = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08x}-0000-0000-0000)\\n"
-                   for i in range(NODE_GPUS))
-    smi.write_text(f"#!/bin/sh\necho \"$*\" >> '{bin_dir}/called'\nprintf '{gpus}'\n")
-    smi.chmod(0o755)
-    return bin_dir
+    return fake_nvidia_smi(tmp_path / "node-bin", NODE_GPUS)
 
 
 def job_env(node_bin: Path, **settings: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import run_tuner, write_study
+from conftest import fake_nvidia_smi, run_tuner, write_study
 
 from tuner.errors import UserError
 from tuner.supervisor import (
@@ -95,15 +95,8 @@ def test_unknown_study_is_a_user_error_before_any_child_starts(tmp_path: Path,
 
 
 def _node_with_gpus(tmp_path: Path, count: int) -> dict[str, str]:
-    """PATH with an ``nvidia-smi`` that lists ``count`` GPUs, as the driver's does (this
-    machine has none)."""
-    bin_dir = tmp_path / "node-bin"
-    bin_dir.mkdir()
-    lines = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08x}-0000-0000-0000)\\n"
-                    for i in range(count))
-    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\nprintf '{lines}'\n")
-    (bin_dir / "nvidia-smi").chmod(0o755)
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    """PATH with an ``nvidia-smi`` that lists ``count`` GPUs."""
+    return {"PATH": f"{fake_nvidia_smi(tmp_path / 'node-bin', count)}:{os.environ['PATH']}"}
 
 
 def test_a_gpu_index_the_node_lacks_is_a_user_error(tmp_path: Path, pg_url: str,
