@@ -34,6 +34,7 @@ from tuner.budget import (
     Claimer,
     Decision,
     Usage,
+    budget_lock,
     decide,
 )
 from tuner.storage import ResilientRDBStorage
@@ -218,6 +219,36 @@ def test_tell_refuses_a_trial_another_worker_judged_dead(pg_url: str) -> None:
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         Claimer(study, storage).tell(mine.trial, 0.1)
     assert storage.get_trial(mine.trial_id).state == TrialState.FAIL
+
+
+def test_heartbeats_go_on_while_another_process_holds_the_budget_lock(any_url: str) -> None:
+    """The heartbeat thread sweeps too, but never waits for the lock to do it: a claim held up
+    for longer than the grace period (a stopped process, a slow confirm) must not stop the
+    running trials' heartbeats, or the first sweep after it fails every one of them."""
+    from tuner.worker import _Heartbeat
+
+    storage = _storage(any_url)
+    study = _new_study(storage, 2)
+    mine = Claimer(study, storage)
+    claimed = mine.claim()
+    with _Heartbeat(storage, claimed, mine.sweep):
+        with budget_lock(_storage(any_url), study.study_name):  # another process's claim
+            until = time.monotonic() + 2.5 * GRACE
+            while time.monotonic() < until:
+                assert storage._get_stale_trial_ids(study._study_id) == []
+                time.sleep(0.25)
+        assert Claimer(study, storage).sweep()  # the lock is free again: a sweep finds
+    assert storage.get_trial(claimed.trial_id).state == TrialState.RUNNING  # nothing dead
+
+
+def test_a_sweep_never_waits_for_the_budget_lock(any_url: str) -> None:
+    storage = _storage(any_url)
+    study = _new_study(storage, 2)
+    with budget_lock(_storage(any_url), study.study_name):
+        started = time.monotonic()
+        assert Claimer(study, storage).sweep() is False
+        assert time.monotonic() - started < 1
+    assert Claimer(study, storage).sweep() is True
 
 
 # --- the never-beat check does not read the worker's local clock --------------------------------

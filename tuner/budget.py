@@ -332,7 +332,9 @@ class Claimer:
         ``retry_history`` system attributes), but without the dead run's user attributes:
         its host, GPU and fail reason would be reported for the run that completes.
         """
-        system = dict(failed.system_attrs)
+        # not the dead run's saved model (retention deletes it with the failed trial)
+        system = {k: v for k, v in failed.system_attrs.items()
+                  if not k.startswith(optuna_sql.ARTIFACTS_ATTR_PREFIX)}
         history = list(system.get("retry_history", []))
         if counts_as_retry:
             history.append(failed.number)
@@ -347,12 +349,20 @@ class Claimer:
 
     # --- dead trials ------------------------------------------------------------------------
 
-    def sweep(self) -> None:
-        """Fail (and queue again) other workers' dead trials, under the budget lock."""
+    def sweep(self) -> bool:
+        """Fail (and queue again) other workers' dead trials, if the budget lock is free now;
+        ``False`` when it was not (the next claim, or the next try, sweeps).
+
+        The heartbeat thread calls this between beats, so it must never wait for the lock: a
+        worker stopped or slow inside its claim would hold up every waiter's heartbeats, and
+        the first of them to get the lock would then take every running trial for dead.
+        """
         if not self.storage.get_heartbeat_interval():
-            return
-        with budget_lock(self.storage, self.study.study_name):
-            self._sweep()
+            return True
+        with budget_lock(self.storage, self.study.study_name, wait=False) as held:
+            if held:
+                self._sweep()
+            return held
 
     def _sweep_due(self) -> bool:
         """At most one sweep per heartbeat interval per process when claiming.
@@ -438,17 +448,20 @@ def grace_period(storage: RDBStorage) -> float:
     return float(getattr(storage, "grace_period", None) or 2 * interval)
 
 
-def budget_lock(storage: RDBStorage, study_name: str) -> contextlib.AbstractContextManager[None]:
+def budget_lock(storage: RDBStorage, study_name: str, wait: bool = True
+                ) -> contextlib.AbstractContextManager[bool]:
     """Hold the lock of the claim path: shared by every process that uses this study's
     database (see :func:`study_lock`)."""
-    return study_lock(storage, study_name, "budget")
+    return study_lock(storage, study_name, "budget", wait)
 
 
 @contextlib.contextmanager
-def study_lock(storage: RDBStorage, study_name: str, purpose: str) -> Iterator[None]:
+def study_lock(storage: RDBStorage, study_name: str, purpose: str,
+               wait: bool = True) -> Iterator[bool]:
     """Hold a lock shared by every process that uses this study's database, one per
     ``purpose`` (the claim path's ``budget``; the dashboard figures' ``figures``), so that
-    slow work under one never holds up the other.
+    slow work under one never holds up the other. Yields whether it is held: always, unless
+    ``wait`` is false and another process holds it.
 
     PostgreSQL: a transaction-level advisory lock, so it also works behind PgBouncer in
     transaction mode and dies with its connection. SQLite: a file lock beside the database.
@@ -456,19 +469,20 @@ def study_lock(storage: RDBStorage, study_name: str, purpose: str) -> Iterator[N
     url = storage.engine.url
     if url.get_backend_name() == "postgresql":
         key = zlib.crc32(f"tuner-{purpose}:{study_name}".encode())
+        take = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
 
-        def lock() -> sqlalchemy.Connection:
+        def lock() -> tuple[sqlalchemy.Connection, bool]:
             conn = storage.engine.connect()
             try:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+                got = conn.execute(sqlalchemy.text(f"SELECT {take}(:k)"), {"k": key}).scalar()
             except BaseException:
                 conn.close()
                 raise
-            return conn
+            return conn, got is not False  # pg_advisory_xact_lock returns void
 
-        conn = retry_on_disconnect(storage, lock)
+        conn, held = retry_on_disconnect(storage, lock)
         try:
-            yield
+            yield held
         finally:
             try:
                 conn.commit()  # ends the transaction, which releases the lock
@@ -479,10 +493,14 @@ def study_lock(storage: RDBStorage, study_name: str, purpose: str) -> Iterator[N
     elif url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         suffix = "" if purpose == "budget" else f".{purpose}"
         with open(f"{url.database}{suffix}.lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
     else:
-        yield  # other databases: best effort
+        yield True  # other databases: best effort
