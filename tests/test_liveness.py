@@ -77,8 +77,10 @@ def test_signals_reach_a_worker_that_waits_for_a_slot(tmp_path: Path, pg_url: st
                             storage=pg_url)
     orphan_worker = Worker(tmp_path, "orphan", "--study", "busy", "--gpus", "none",
                            storage=pg_url)
+    timed_worker = Worker(tmp_path, "timed", "--study", "busy", "--gpus", "none",
+                          "--timeout", "15", storage=pg_url)
     waiting_run = Run(tmp_path, "run", str(study), "--storage", pg_url)
-    workers += [waiting_worker, orphan_worker]
+    workers += [waiting_worker, orphan_worker, timed_worker]
     for who in (waiting_worker, orphan_worker):
         _wait_for("the worker to wait", lambda w=who: "waiting: every trial left" in w.stdout,
                   workers=[who])
@@ -109,6 +111,9 @@ def test_signals_reach_a_worker_that_waits_for_a_slot(tmp_path: Path, pg_url: st
     for what, seconds in took.items():
         print(f"\n[waiting worker] {what}: gone in {seconds:.1f}s")
         assert seconds < 5, what
+    # --timeout holds while waiting too: it must not take a trial queued later
+    assert timed_worker.wait(timeout=60) == 0, timed_worker.stderr
+    assert "reached --timeout 15s" in timed_worker.stdout + timed_worker.stderr
     trials = _trials(pg_url, "busy")
     assert [t.state.name for t in trials] == ["RUNNING"], "a waiting worker touched a trial"
     assert trials[0].number == running.number and "fail_reason" not in trials[0].user_attrs

@@ -132,9 +132,17 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                 if not waited and notice is not None:
                     notice(waiting())
                 waited = True
+                if timeout is not None:  # a worker waiting for a slot obeys --timeout too
+                    left = timeout - (time.monotonic() - started)
+                    if left <= 0:
+                        raise _TimedOut
+                    seconds = min(seconds, left)
                 signals.sleep(seconds)
 
-            claimed = claimer.claim(wait=wait)
+            try:
+                claimed = claimer.claim(wait=wait)
+            except _TimedOut:
+                return Summary(ran, f"reached --timeout {timeout:g}s")
             if not isinstance(claimed, Claimed):
                 return Summary(ran, claimed.reason)
             trial = claimed.trial
@@ -340,6 +348,10 @@ def artifact_store(study: optuna.Study, override: str | None
     except OSError as exc:
         raise RuntimeFailure(f"artifact directory {path}: {exc.strerror}") from None
     return optuna.artifacts.FileSystemArtifactStore(str(path))
+
+
+class _TimedOut(Exception):
+    """``--timeout`` passed while the worker waited for a slot."""
 
 
 class _Heartbeat:
