@@ -5,13 +5,17 @@ and bad values."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy
-from conftest import cli, write_study
+from conftest import cli, run_tuner, write_study
 from test_faults import Worker, _trials, workers  # noqa: F401
 
 from tuner import attrs, optuna_sql
@@ -79,6 +83,51 @@ def test_three_workers_keep_only_the_best_k(tmp_path: Path, pg_url: str,
     assert best.returncode == 0, best.stderr
     assert json.loads(best.stdout)["trial"] == complete[0].number
     assert exported.stat().st_size > 1000
+
+
+_STOPPED_WHILE_SAVING = """
+import sys, time
+import tuner.trial
+
+save = tuner.trial.save_model
+
+def save_then_hang(model, store, artifact_id=None):
+    saved = save(model, store, artifact_id)
+    print("SAVED", saved, flush=True)
+    time.sleep(120)  # SIGTERM lands here: file and record written, trial not yet told
+    return saved
+
+tuner.trial.save_model = save_then_hang
+from tuner.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_stopped_while_saving_leaves_no_model_behind(tmp_path: Path,
+                                                              pg_url: str) -> None:
+    """The model of a trial whose worker stops between saving it and telling the result is
+    deleted with its failed trial, and its queued rerun does not name it: the K hold on
+    preemptible nodes too."""
+    artifacts = tmp_path / "models"
+    study = write_study(tmp_path, "stop", n_trials=2, epochs=1, extra_study="keep_models = 1")
+    cmd = [sys.executable, "-c", _STOPPED_WHILE_SAVING, "run", str(study), "--storage", pg_url,
+           "--artifacts", str(artifacts)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    saved = next((line.split()[1] for line in proc.stdout if line.startswith("SAVED")), None)
+    assert saved is not None and (artifacts / saved).is_file()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    again = run_tuner("run", str(study), "--storage", pg_url, "--artifacts", str(artifacts))
+    assert again.returncode == 0, again.stderr
+    trials = _trials(pg_url, "stop")
+    stopped = trials[0]
+    assert stopped.state.name == "FAIL" and stopped.user_attrs.get(attrs.MODEL_ARTIFACT) is None
+    rerun = next(t for t in trials if t.system_attrs.get("failed_trial") == stopped.number)
+    assert f"artifacts:{saved}" not in rerun.system_attrs
+    best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert sorted(p.name for p in artifacts.iterdir()) == [best.user_attrs["model_artifact"]]
 
 
 def test_keep_models_0_keeps_none_and_export_says_why(tmp_path: Path, pg_url: str) -> None:

@@ -254,6 +254,18 @@ def kept_models(conn: sqlalchemy.Connection, study_id: int, key: str
     return [(tid, number, value, json.loads(artifact)) for tid, number, value, artifact in rows]
 
 
+def failed_models(conn: sqlalchemy.Connection, study_id: int, key: str
+                  ) -> list[tuple[int, str]]:
+    """``(trial_id, artifact_id)`` of each FAIL trial whose user attribute ``key`` names a
+    saved model: its worker was stopped, or judged dead, after recording it."""
+    rows = conn.execute(_text(
+        "SELECT t.trial_id, a.value_json FROM trials t "
+        "JOIN trial_user_attributes a ON a.trial_id = t.trial_id AND a.key = :key "
+        "WHERE t.study_id = :sid AND t.state = 'FAIL' AND a.value_json <> 'null'"),
+        {"sid": study_id, "key": key}).all()
+    return [(tid, json.loads(artifact)) for tid, artifact in rows]
+
+
 def system_attr_trials(conn: sqlalchemy.Connection, study_id: int, key: str) -> set[int]:
     """Ids of the study's trials that carry the system attribute ``key``."""
     return {row[0] for row in conn.execute(_text(

@@ -4,10 +4,13 @@ A CIFAR-sized CNN is several MB; a study of 10,000 trials that kept every model 
 tens of GB that nobody loads. ``[study] keep_models = K``: a completed trial's model is saved
 only if it is among the best K at that moment (:meth:`Retention.qualifies`), and models that
 fall out of the best K are deleted from the artifact store and from their trial's record
-(:meth:`Retention.prune`, under the study's ``models`` lock). At any moment at most K models of
-finished trials exist, plus one per worker whose trial qualified and is being told, and the
-best trial's model is never deleted (it is always among the best K). The runs of a confirm
-step keep their models outside the K: the confirmed winner is exported from one of them.
+(:meth:`Retention.prune`, under the study's ``models`` lock), as are the models of trials that
+failed after recording theirs (a worker stopped or judged dead before its tell). A model is
+recorded before its file is written, so no file outlives every record of it. At any moment at
+most K models of finished trials exist, plus one per worker whose trial qualified and is being
+told, and the best trial's model is never deleted (it is always among the best K). The runs of
+a confirm step keep their models outside the K: the confirmed winner is exported from one of
+them.
 """
 
 from __future__ import annotations
@@ -45,16 +48,19 @@ class Retention:
         return False
 
     def prune(self) -> int:
-        """Delete the models beyond the best K; how many went. Only after this worker saved
-        one: every worker prunes after its own saves, so the K hold without the others'."""
+        """Delete the models beyond the best K, and those of failed trials; how many went.
+        Only after this worker saved one: every worker prunes after its own saves, so the K
+        hold without the others'."""
         if self.keep is None or not self._saved:
             return 0
         self._saved = False
         storage = self.claimer.storage
         # a lock of its own: deleting files never holds up a worker's claim
         with study_lock(storage, self.claimer.study.study_name, "models"):
-            extra = retry_on_disconnect(storage, self._kept)[self.keep:]
-            for trial_id, _, _, artifact_id in extra:
+            extra = [(trial_id, artifact_id) for trial_id, _, _, artifact_id
+                     in retry_on_disconnect(storage, self._kept)[self.keep:]]
+            extra += retry_on_disconnect(storage, self._failed)
+            for trial_id, artifact_id in extra:
                 try:
                     self.store.remove(artifact_id)
                 except ArtifactNotFound:
@@ -62,6 +68,12 @@ class Retention:
                 with storage.engine.begin() as conn:
                     optuna_sql.forget_model(conn, trial_id, attrs.MODEL_ARTIFACT, artifact_id)
         return len(extra)
+
+    def _failed(self) -> list[tuple[int, str]]:
+        """Models recorded by trials that then failed (stopped, or judged dead, before the
+        tell): never exported, and outside the K."""
+        with self.claimer.storage.engine.connect() as conn:
+            return optuna_sql.failed_models(conn, self.claimer.study_id, attrs.MODEL_ARTIFACT)
 
     def _kept(self) -> list[tuple[int, int, float, str]]:
         """The finished trials with a saved model that compete for the K places."""

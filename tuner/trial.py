@@ -278,12 +278,18 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
             figures.update({attrs.TEST_LOSS: float(test["xent"]),
                             attrs.TEST_ACCURACY: float(test["accuracy"])})
         system: dict[str, Any] = {}
+        artifact_id = None
         if result.pruned_at is None and artifact_store is not None \
                 and (keep_model is None or keep_model(result.val_loss)):
-            artifact_id = figures[attrs.MODEL_ARTIFACT] = save_model(model, artifact_store)
+            artifact_id = figures[attrs.MODEL_ARTIFACT] = str(uuid.uuid4())
             key, record = optuna_sql.artifact_record(artifact_id, MODEL_ARTIFACT, MODEL_MIMETYPE)
             system[key] = record
-        recorder.attrs(figures, system)  # the model's record in the same write
+        # The model's record in the same write, and before its file: a process stopped in
+        # between leaves a record on a failed trial, which retention clears, never a file
+        # that no record names.
+        recorder.attrs(figures, system)
+        if artifact_id is not None:
+            save_model(model, artifact_store, artifact_id)
         if result.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned at epoch {result.pruned_at}")
         return result
@@ -298,15 +304,15 @@ def _penalty(model: keras.Model) -> float:
     return float(sum(float(keras.ops.convert_to_numpy(x)) for x in model.losses))
 
 
-def save_model(model: keras.Model, artifact_store: optuna.artifacts.FileSystemArtifactStore
-               ) -> str:
+def save_model(model: keras.Model, artifact_store: optuna.artifacts.FileSystemArtifactStore,
+               artifact_id: str | None = None) -> str:
     """Write the (best-epoch) model to the store as ``model.keras``; its artifact id.
 
     Only the file: the caller records it (:func:`tuner.optuna_sql.artifact_record`) with the
     trial's other attributes, in one transaction, where ``upload_artifact`` and
     ``set_user_attr`` would take two or three more.
     """
-    artifact_id = str(uuid.uuid4())
+    artifact_id = artifact_id or str(uuid.uuid4())
     with tempfile.TemporaryDirectory(prefix="tuner-") as tmp:
         path = Path(tmp) / MODEL_ARTIFACT
         _save_keras(model, path)
