@@ -251,6 +251,51 @@ def test_a_sweep_never_waits_for_the_budget_lock(any_url: str) -> None:
     assert Claimer(study, storage).sweep() is True
 
 
+def test_a_tell_and_a_sweep_never_both_win(any_url: str) -> None:
+    """A worker that stalled past the grace period tells its result while another worker's
+    sweep fails the trial: exactly one of them wins, on SQLite too (which ignores the row
+    locks Optuna relies on). Both winning would run the configuration twice."""
+    import threading
+
+    storage, judge_storage = _storage(any_url), _storage(any_url)
+    study = _new_study(storage, None)
+    judge = Claimer(optuna.load_study(study_name=study.study_name, storage=judge_storage),
+                    judge_storage)
+    for _ in range(25):
+        claimed = Claimer(study, storage).claim()
+        claimed.trial.suggest_float("x", 0, 1)
+        with storage.engine.begin() as conn:  # its worker stalled: the heartbeat is old
+            conn.execute(sqlalchemy.text(
+                "UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' "
+                "WHERE trial_id = :t"), {"t": claimed.trial_id})
+        told: list[bool] = []
+        start = threading.Barrier(2)
+
+        def tell(claimed: Claimed = claimed, start: threading.Barrier = start,
+                 told: list[bool] = told) -> None:
+            start.wait()
+            try:
+                Claimer(study, storage).tell(claimed.trial, 0.5)
+                told.append(True)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                told.append(False)
+
+        teller = threading.Thread(target=tell)
+        teller.start()
+        start.wait()
+        judge.sweep()
+        teller.join()
+        state = storage.get_trial(claimed.trial_id).state
+        requeued = [t for t in study.get_trials(deepcopy=False)
+                    if t.system_attrs.get("failed_trial") == claimed.trial.number]
+        if told[0]:
+            assert state == TrialState.COMPLETE and not requeued
+        else:
+            assert state == TrialState.FAIL and len(requeued) == 1
+            Claimer(study, storage).claim()  # take the rerun, so the next round starts clean
+            study.tell(requeued[0].number, 0.5)
+
+
 # --- the never-beat check does not read the worker's local clock --------------------------------
 
 

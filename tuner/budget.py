@@ -288,7 +288,18 @@ class Claimer:
         its last epoch's value, and the sampler hears of the result first. Raises
         ``UpdateFinishedTrialError`` if the trial is no longer running (another worker
         judged it dead).
+
+        On SQLite it holds the budget lock: SQLite ignores the ``SELECT ... FOR UPDATE`` with
+        which Optuna makes a state change wait for another, so a sweep failing the trial at the
+        same moment could succeed as well (the configuration would then run twice).
         """
+        if _is_sqlite(self.storage):
+            with budget_lock(self.storage, self.study.study_name):
+                return self._tell(trial, value, state)
+        return self._tell(trial, value, state)
+
+    def _tell(self, trial: optuna.Trial, value: float | None, state: TrialState
+              ) -> FrozenTrial:
         frozen = copy.deepcopy(trial._cached_frozen_trial)
         values: list[float] | None = None
         if state == TrialState.COMPLETE:
@@ -320,7 +331,7 @@ class Claimer:
         with budget_lock(self.storage, self.study.study_name):
             try:
                 trial.set_user_attr(attrs.FAIL_REASON, reason)
-                frozen = self.tell(trial, state=TrialState.FAIL)
+                frozen = self._tell(trial, None, TrialState.FAIL)  # the lock is held
             except optuna.exceptions.UpdateFinishedTrialError:
                 return  # another worker already judged it dead and queued it again
             self._requeue(frozen, counts_as_retry=False)
@@ -440,6 +451,10 @@ def remember_attrs(trial: optuna.Trial, values: dict[str, Any],
     which :meth:`Claimer.tell` returns, holds them too."""
     trial._cached_frozen_trial.user_attrs.update(values)
     trial._cached_frozen_trial.system_attrs.update(system or {})
+
+
+def _is_sqlite(storage: RDBStorage) -> bool:
+    return storage.engine.url.get_backend_name() == "sqlite"
 
 
 def grace_period(storage: RDBStorage) -> float:
