@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import optuna
@@ -50,6 +50,17 @@ class _Storage(ResilientRDBStorage):
     """The real storage, with a way to die between creating a trial and its first heartbeat."""
 
     die_before_heartbeat = False
+    meanwhile: Callable[[], object] | None = None  # runs once the lock is lost, see below
+
+    def _create_new_trial(self, study_id: int, template_trial: object = None) -> object:
+        if self.meanwhile is not None:  # the server ends the lock's session (a restart, an
+            with self.engine.begin() as conn:  # idle-transaction timeout, an admin)
+                conn.execute(sqlalchemy.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = "
+                    "'advisory' AND granted AND pid <> pg_backend_pid()"))
+            self.meanwhile, meanwhile = None, self.meanwhile
+            meanwhile()
+        return super()._create_new_trial(study_id, template_trial)
 
     def record_heartbeat(self, trial_id: int) -> None:
         if self.die_before_heartbeat:
@@ -294,6 +305,27 @@ def test_a_tell_and_a_sweep_never_both_win(any_url: str) -> None:
             assert state == TrialState.FAIL and len(requeued) == 1
             Claimer(study, storage).claim()  # take the rerun, so the next round starts clean
             study.tell(requeued[0].number, 0.5)
+
+
+def test_a_trial_created_after_the_lock_was_lost_is_not_run(pg_url: str) -> None:
+    """Two workers at the last slot: one's lock session ends while it creates the trial, the
+    other claims meanwhile. The first must notice, drop what it created and decide again,
+    or the study runs one trial over its budget."""
+    storage = _storage(pg_url)
+    study = _new_study(storage, 1)
+    other_storage = _storage(pg_url)
+    other = Claimer(optuna.load_study(study_name=study.study_name, storage=other_storage),
+                    other_storage)
+    storage.meanwhile = other.claim  # takes the lock the moment it is free
+
+    def gives_up(seconds: float) -> None:
+        raise _Died  # waiting, as it should: the only slot is the other worker's
+
+    with pytest.raises(_Died):
+        Claimer(study, storage).claim(wait=gives_up)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.RUNNING, TrialState.FAIL]
+    assert trials[1].user_attrs[attrs.FAIL_REASON].startswith("created after its worker lost")
 
 
 # --- the never-beat check does not read the worker's local clock --------------------------------

@@ -61,6 +61,7 @@ from tuner.storage import retry_interval, retry_on_disconnect
 
 MAX_RETRY = 3  # times the parameters of a trial whose worker died are run again
 POLL_SECONDS = 2.0  # how often a waiting worker asks again
+LOST_LOCK = "created after its worker lost the budget lock (database connection); not run"
 
 
 class Decision(enum.Enum):
@@ -225,7 +226,11 @@ class Claimer:
         history (TPE) never makes other workers wait.
         """
         while True:
-            verdict, trial_id, budget = retry_on_disconnect(self.storage, self._claim_once)
+            try:
+                verdict, trial_id, budget = retry_on_disconnect(self.storage, self._claim_once)
+            except _CreatedWithoutLock as lost:
+                self._discard(lost.trial_id)
+                continue  # decide again, under the lock
             if trial_id is not None:
                 trial = retry_on_disconnect(self.storage, lambda i=trial_id: self._trial(i))
                 return Claimed(trial, trial_id, budget.trial_timeout)
@@ -237,26 +242,50 @@ class Claimer:
         return self._claim_once()[:2]
 
     def _claim_once(self) -> tuple[Verdict, int | None, Budget]:
-        """One decision under the lock: a RUNNING trial id with its first heartbeat, or none."""
-        with budget_lock(self.storage, self.study.study_name):
-            if self._sweep_due():
-                self._sweep()
-            usage, budget = self.state()
-            verdict = decide(usage, budget, time.time())
-            trial_id = None
-            if verdict.decision is Decision.TAKE:
-                trial_id = self._pop_waiting()
-            if verdict.decision is Decision.CREATE or (
-                    verdict.decision is Decision.TAKE and trial_id is None):
-                # Through the study's own (caching) storage, as Study.ask does, so the trial's
-                # parameters can be set through it later.
-                trial_id = self.study._storage.create_new_trial(self.study_id)
-            if trial_id is not None:
-                if self.storage.get_heartbeat_interval():
-                    self.storage.record_heartbeat(trial_id)
-                if budget.seconds is not None and budget.clock_started is None:
-                    self.study.set_user_attr(attrs.CLOCK_STARTED, time.time())
-        return verdict, trial_id, budget
+        """One decision under the lock: a RUNNING trial id with its first heartbeat, or none.
+
+        Raises :class:`_CreatedWithoutLock` if the lock's session ended before the decision was
+        committed: the storage calls under it wait out an outage on connections of their own,
+        so a trial they created may be one over the budget. A queued trial taken meanwhile is
+        kept: taking it is one guarded state change that no other worker can repeat.
+        """
+        decided: dict[str, Any] = {"trial_id": None}
+        try:
+            with budget_lock(self.storage, self.study.study_name, strict=True):
+                if self._sweep_due():
+                    self._sweep()
+                usage, budget = self.state()
+                verdict = decide(usage, budget, time.time())
+                decided.update(verdict=verdict, budget=budget)
+                trial_id = None
+                if verdict.decision is Decision.TAKE:
+                    trial_id = decided["trial_id"] = self._pop_waiting()
+                if verdict.decision is Decision.CREATE or (
+                        verdict.decision is Decision.TAKE and trial_id is None):
+                    # Through the study's own (caching) storage, as Study.ask does, so the
+                    # trial's parameters can be set through it later.
+                    trial_id = decided["created"] = decided["trial_id"] = \
+                        self.study._storage.create_new_trial(self.study_id)
+                if trial_id is not None:
+                    if self.storage.get_heartbeat_interval():
+                        self.storage.record_heartbeat(trial_id)
+                    if budget.seconds is not None and budget.clock_started is None:
+                        self.study.set_user_attr(attrs.CLOCK_STARTED, time.time())
+        except LockLost:
+            if "created" in decided:
+                raise _CreatedWithoutLock(decided["created"]) from None
+            if "verdict" not in decided:
+                raise
+        return decided["verdict"], decided["trial_id"], decided["budget"]
+
+    def _discard(self, trial_id: int) -> None:
+        """Fail a trial created without the lock, before anything ran (not queued again)."""
+        def discard() -> None:
+            self.storage.set_trial_user_attr(trial_id, attrs.FAIL_REASON, LOST_LOCK)
+            self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            retry_on_disconnect(self.storage, discard)
 
     def _trial(self, trial_id: int) -> optuna.Trial:
         """What ``Study.ask`` does once it has a trial id: drop the cached history."""
@@ -463,20 +492,43 @@ def grace_period(storage: RDBStorage) -> float:
     return float(getattr(storage, "grace_period", None) or 2 * interval)
 
 
-def budget_lock(storage: RDBStorage, study_name: str, wait: bool = True
+class _CreatedWithoutLock(Exception):
+    def __init__(self, trial_id: int) -> None:
+        super().__init__(trial_id)
+        self.trial_id = trial_id
+
+
+class LockLost(Exception):
+    """A lock's database session ended while the lock was held (a server restart, an idle
+    transaction timeout, a killed backend): what was done under it may have raced."""
+
+
+def _release(conn: sqlalchemy.Connection) -> bool:
+    """End the lock's transaction, which releases it; ``False`` if its session was gone."""
+    try:
+        conn.commit()
+        return True
+    except sa_exc.SQLAlchemyError:
+        return False  # the server went away: the lock went with the session
+    finally:
+        conn.close()
+
+
+def budget_lock(storage: RDBStorage, study_name: str, wait: bool = True, strict: bool = False
                 ) -> contextlib.AbstractContextManager[bool]:
     """Hold the lock of the claim path: shared by every process that uses this study's
     database (see :func:`study_lock`)."""
-    return study_lock(storage, study_name, "budget", wait)
+    return study_lock(storage, study_name, "budget", wait, strict)
 
 
 @contextlib.contextmanager
 def study_lock(storage: RDBStorage, study_name: str, purpose: str,
-               wait: bool = True) -> Iterator[bool]:
+               wait: bool = True, strict: bool = False) -> Iterator[bool]:
     """Hold a lock shared by every process that uses this study's database, one per
     ``purpose`` (the claim path's ``budget``; the dashboard figures' ``figures``), so that
     slow work under one never holds up the other. Yields whether it is held: always, unless
-    ``wait`` is false and another process holds it.
+    ``wait`` is false and another process holds it. ``strict``: raise :class:`LockLost` on
+    leaving if the lock's session ended meanwhile (PostgreSQL).
 
     PostgreSQL: a transaction-level advisory lock, so it also works behind PgBouncer in
     transaction mode and dies with its connection. SQLite: a file lock beside the database.
@@ -498,13 +550,12 @@ def study_lock(storage: RDBStorage, study_name: str, purpose: str,
         conn, held = retry_on_disconnect(storage, lock)
         try:
             yield held
-        finally:
-            try:
-                conn.commit()  # ends the transaction, which releases the lock
-            except sa_exc.SQLAlchemyError:
-                pass  # the server went away: the lock went with the session
-            finally:
-                conn.close()
+        except BaseException:
+            _release(conn)
+            raise
+        if not _release(conn) and held and strict:
+            raise LockLost(f"the {purpose} lock of study {study_name!r} was lost while held "
+                           "(its database session ended)")
     elif url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         suffix = "" if purpose == "budget" else f".{purpose}"
         with open(f"{url.database}{suffix}.lock", "a+") as handle:
