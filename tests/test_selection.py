@@ -111,6 +111,57 @@ def test_confirmation_is_queued_once_however_many_ask(tmp_path: Path, pg_url: st
     assert repeat.returncode == 0 and "already confirmed" in repeat.stdout
 
 
+_CONFIRM_KILLED_HALFWAY = """
+import os, sys, optuna
+from tuner import confirm
+from tuner.storage import ResilientRDBStorage
+
+storage = ResilientRDBStorage(sys.argv[1])
+study = optuna.load_study(study_name="half", storage=storage)
+add = study.add_trial
+
+def add_then_die(trial):
+    add(trial)
+    os._exit(9)  # killed (kill -9, a lost node) after queuing its first run
+
+study.add_trial = add_then_die
+confirm.queue(study, storage, top=2, seeds=2)
+"""
+
+
+def test_a_confirm_killed_halfway_is_finished_by_the_next(pg_url: str) -> None:
+    """`tuner confirm` dies after queuing one of its four runs: the search budget is not
+    spent on it meanwhile, and the next `tuner confirm` queues the three missing runs."""
+    from tuner import attrs
+    from tuner.budget import Claimer, Decision
+    from tuner.confirm import queue
+    from tuner.storage import ResilientRDBStorage
+
+    storage = ResilientRDBStorage(pg_url)
+    study = optuna.create_study(study_name="half", storage=storage)
+    study.set_user_attr(attrs.SPEC, {"n_trials": 4, "model": {"epochs": 2}})
+    x = optuna.distributions.FloatDistribution(0, 1)
+    for i, value in enumerate([0.3, 0.1, 0.2, 0.4]):
+        study.add_trial(optuna.trial.create_trial(params={"x": i / 10}, distributions={"x": x},
+                                                  value=value))
+    died = subprocess.run([sys.executable, "-c", _CONFIRM_KILLED_HALFWAY, pg_url], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert died.returncode == 9, died.stderr
+    claimer = Claimer(study, storage)
+    usage, budget = claimer.state()
+    assert (usage.waiting, budget.n_trials) == (1, 5)  # the one run queued, and its slot
+    verdict, taken = claimer.claim_once()
+    assert verdict.decision is Decision.TAKE  # the queued run, not a new search trial
+    assert attrs.CONFIRMS in storage.get_trial(taken).system_attrs
+    finished = queue(study, storage, top=2, seeds=2)
+    assert finished.new and finished.trials == 4
+    runs = [t.system_attrs[attrs.CONFIRMS] for t in study.get_trials()
+            if attrs.CONFIRMS in t.system_attrs]
+    assert sorted(runs) == [1, 1, 2, 2]
+    assert claimer.state()[1].n_trials == 8
+    assert not queue(study, storage, top=2, seeds=2).new  # complete now: nothing more
+
+
 @pytest.mark.slow
 def test_the_epoch_budget_holds_across_two_workers(tmp_path: Path, pg_url: str,
                                                    workers: list[Worker]) -> None:  # noqa: F811

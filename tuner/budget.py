@@ -83,12 +83,12 @@ class Budget:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], clock_started: float | None = None,
-                  confirm: dict[str, Any] | None = None) -> Budget:
+                  confirm_runs: int = 0) -> Budget:
         """From a stored spec (the JSON form of :class:`tuner.spec.StudySpec`), grown by the
-        trials a confirm step queued (see :mod:`tuner.confirm`): they are extra, not taken
-        from the search."""
+        ``confirm_runs`` a confirm step queued (see :mod:`tuner.confirm`): they are extra, not
+        taken from the search."""
         n, epochs = spec.get("n_trials"), spec.get("epoch_budget")
-        extra = int((confirm or {}).get("trials", 0))
+        extra = confirm_runs
         if extra and n is not None:
             n += extra
         if extra and epochs is not None:
@@ -205,7 +205,9 @@ class Claimer:
             found = optuna_sql.study_attrs(conn, self.study_id,
                                            (attrs.SPEC, attrs.CLOCK_STARTED, attrs.CONFIRM))
             budget = Budget.from_spec(found.get(attrs.SPEC) or {},
-                                      found.get(attrs.CLOCK_STARTED), found.get(attrs.CONFIRM))
+                                      found.get(attrs.CLOCK_STARTED),
+                                      confirm_runs(conn, self.study_id)
+                                      if attrs.CONFIRM in found else 0)
             epochs = (optuna_sql.epochs_reported(conn, self.study_id)
                       if budget.epochs is not None else 0)
             usage = Usage.from_counts(optuna_sql.count_states(conn, self.study_id), epochs)
@@ -466,6 +468,13 @@ class Claimer:
         with self.storage.engine.connect() as conn:
             uptime = optuna_sql.server_uptime(conn)
         return uptime is None or uptime >= wait
+
+
+def confirm_runs(conn: sqlalchemy.Connection, study_id: int) -> int:
+    """How many runs a confirm step has queued: the budget grows by the runs that exist, so
+    that a ``tuner confirm`` stopped halfway neither takes search slots nor leaves spare ones.
+    A dead run's rerun replaces it and is not counted again."""
+    return optuna_sql.count_trials_with(conn, study_id, attrs.CONFIRMS, without="failed_trial")
 
 
 def remember_report(trial: optuna.Trial, step: int, value: float) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,27 +41,38 @@ class Queued:
 
 
 def queue(study: optuna.Study, storage: RDBStorage, top: int, seeds: int) -> Queued:
-    """Queue ``seeds`` new runs of each of the ``top`` best configurations (once per study)."""
+    """Queue ``seeds`` new runs of each of the ``top`` best configurations (once per study).
+
+    The request is recorded first, then its runs are queued one by one: a call stopped in
+    between is finished by the next one, which queues only the runs still missing (the budget
+    grows by the runs that exist, :func:`tuner.budget.confirm_runs`)."""
     if top < 1 or seeds < 1:
         raise UserError("confirm: --top and --seeds must be at least 1")
     with budget_lock(storage, study.study_name):
-        done = study.user_attrs.get(attrs.CONFIRM)  # read afresh from the storage
-        if done is not None:
-            return Queued(done["top"], done["seeds"], done["configs"], done["trials"], False)
-        best = _best_configurations(study, top)
-        if not best:
-            raise UserError(f"study {study.study_name!r} has no completed trial to confirm yet "
-                            "(see `tuner status`)")
-        for trial in best:
-            for _ in range(seeds):
+        request = study.user_attrs.get(attrs.CONFIRM)  # read afresh from the storage
+        if request is None:
+            best = _best_configurations(study, top)
+            if not best:
+                raise UserError(f"study {study.study_name!r} has no completed trial to confirm "
+                                "yet (see `tuner status`)")
+            request = {"top": top, "seeds": seeds, "configs": [t.number for t in best],
+                       "trials": len(best) * seeds}
+            study.set_user_attr(attrs.CONFIRM, request)
+        trials = study.get_trials(deepcopy=False)
+        queued = Counter(t.system_attrs[attrs.CONFIRMS] for t in trials
+                         if attrs.CONFIRMS in t.system_attrs
+                         and "failed_trial" not in t.system_attrs)  # reruns replace, not add
+        added = 0
+        for number in request["configs"]:
+            origin = trials[number]
+            for _ in range(request["seeds"] - queued[number]):
                 study.add_trial(optuna.trial.create_trial(
-                    state=TrialState.WAITING, params=trial.params,
-                    distributions=trial.distributions,
-                    system_attrs={attrs.CONFIRMS: trial.number}))
-        request = {"top": top, "seeds": seeds, "configs": [t.number for t in best],
-                   "trials": len(best) * seeds}
-        study.set_user_attr(attrs.CONFIRM, request)
-    return Queued(**request, new=True)
+                    state=TrialState.WAITING, params=origin.params,
+                    distributions=origin.distributions,
+                    system_attrs={attrs.CONFIRMS: number}))
+                added += 1
+    return Queued(request["top"], request["seeds"], request["configs"], request["trials"],
+                  new=added > 0)
 
 
 def _best_configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:

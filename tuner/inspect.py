@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner import attrs, confirm, optuna_sql
 from tuner import study as studies
-from tuner.budget import Budget, Usage
+from tuner.budget import Budget, Usage, confirm_runs
 from tuner.errors import RuntimeFailure, UserError
 from tuner.figures import turned_up_at
 from tuner.spec import StudySpec
@@ -73,8 +73,9 @@ def study_status(engine: sqlalchemy.Engine, study_id: int, name: str) -> StudySt
         states = {key: counts.get(db, 0) for key, db in _STATE_NAMES.items()}
         spec = optuna_sql.study_attr(conn, study_id, attrs.SPEC)
         spec = spec if isinstance(spec, dict) else {}
-        budget = Budget.from_spec(spec, optuna_sql.study_attr(conn, study_id, attrs.CLOCK_STARTED),
-                                  optuna_sql.study_attr(conn, study_id, attrs.CONFIRM))
+        found = optuna_sql.study_attrs(conn, study_id, (attrs.CLOCK_STARTED, attrs.CONFIRM))
+        budget = Budget.from_spec(spec, found.get(attrs.CLOCK_STARTED),
+                                  confirm_runs(conn, study_id) if attrs.CONFIRM in found else 0)
         epochs = (optuna_sql.epochs_reported(conn, study_id)
                   if budget.epochs is not None else None)
         best = optuna_sql.best_trial(conn, study_id) if states["complete"] else None
