@@ -20,10 +20,13 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 from conftest import TUNER, run_tuner, write_study
 
 from tuner import study as studies
+from tuner.budget import Claimer
+from tuner.retention import Retention
 from tuner.storage import open_storage
 
 pytestmark = pytest.mark.slow
@@ -48,6 +51,12 @@ def dashboard(tmp_path: Path, any_url: str) -> Iterator[tuple[str, str, Path]]:
     path = write_study(tmp_path, STUDY, n_trials=3, epochs=2)
     proc = run_tuner("run", str(path), "--storage", any_url, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    # Retention deletes all but the best model, as keep_models = 1 would have: the study
+    # page must still load (a deleted model's record once broke it) and list what is left.
+    storage = open_storage(any_url, heartbeat=False)
+    study, _ = studies.load(STUDY, storage)
+    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path / "tuner-artifacts"))
+    assert Retention(Claimer(study, storage), store, keep=1).prune() == 2
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("TUNER_ARTIFACTS", "TUNER_STORAGE")}
     server = subprocess.Popen([*TUNER, "dashboard", "--storage", any_url, "--port", str(port)],
@@ -98,6 +107,9 @@ def test_dashboard_api_curves_artifacts_and_page(dashboard: tuple[str, str, Path
         assert curve == pytest.approx(trial.intermediate_values) and set(curve) == {1, 2}
         attrs = {a["key"]: a["value"] for a in shown["user_attrs"]}
         assert {"val_accuracy", "gap", "epochs_run", "host", "model_artifact"} <= set(attrs)
+        if trial.number != study.best_trial.number:
+            assert shown["artifacts"] == [] and trial.user_attrs["model_artifact"] is None
+            continue
         (artifact,) = shown["artifacts"]
         assert artifact["artifact_id"] == trial.user_attrs["model_artifact"]
         # the saved model downloads through the dashboard, byte for byte

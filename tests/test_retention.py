@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy
 from conftest import cli, run_tuner, write_study
@@ -74,6 +75,11 @@ def test_three_workers_keep_only_the_best_k(tmp_path: Path, pg_url: str,
     assert [t.number for t in with_model] == [t.number for t in complete[:KEEP]]
     on_disk = sorted(p.name for p in artifacts.iterdir())
     assert on_disk == sorted(t.user_attrs["model_artifact"] for t in with_model)
+    # Optuna's own artifact reader (as the dashboard's) sees exactly the models kept
+    storage = optuna.storages.RDBStorage(pg_url)
+    listed = sorted(meta.artifact_id for t in complete
+                    for meta in optuna.artifacts.get_all_artifact_meta(t, storage=storage))
+    assert listed == on_disk
     print(f"\n[keep_models {KEEP}, 3 workers] {len(complete)} complete trials, models at the "
           f"end {len(on_disk)}, peak {peak[0]}")
 

@@ -286,12 +286,13 @@ def system_attr_trials(conn: sqlalchemy.Connection, study_id: int, key: str) -> 
 
 def forget_model(conn: sqlalchemy.Connection, trial_id: int, key: str,
                  artifact_id: str) -> None:
-    """Clear a deleted model from its (finished) trial: the user attribute ``key`` and
-    Optuna's artifact record both become null, as optuna-dashboard's own delete does."""
+    """Clear a deleted model from its (finished) trial: the user attribute ``key`` becomes
+    null, and Optuna's artifact record goes. A record left as null (optuna-dashboard's own
+    delete writes one) breaks both the dashboard's study page and Optuna's
+    ``get_all_artifact_meta``, which decode every record as an artifact."""
     conn.execute(_text(
         "UPDATE trial_user_attributes SET value_json = 'null' "
         "WHERE trial_id = :tid AND key = :key"), {"tid": trial_id, "key": key})
     conn.execute(_text(
-        "UPDATE trial_system_attributes SET value_json = 'null' "
-        "WHERE trial_id = :tid AND key = :key"),
+        "DELETE FROM trial_system_attributes WHERE trial_id = :tid AND key = :key"),
         {"tid": trial_id, "key": ARTIFACTS_ATTR_PREFIX + artifact_id})
