@@ -93,6 +93,15 @@ def test_spec_round_trips_through_json_form() -> None:
     (minimal(model={"family": "cnn"}, search={"dropout": [[0, 0.5], [0, 0.5]]}),
      "model family 'cnn' has 3 dropout layers but 2 ranges were given"),
     (minimal(search={"flip": "yes"}), "[search] flip: expected true or false"),
+    # TOML has nan and inf; each would fail every trial, far from the key that caused it
+    (minimal(search={"dropout": [0.0, float("nan")]}), "[search] dropout: expected a finite"),
+    (minimal(search={"l2": [1e-6, float("inf")]}), "[search] l2: expected a finite number"),
+    (minimal(search={"learning_rate": float("nan")}), "[search] learning_rate: expected a fin"),
+    (minimal(data={"validation_split": float("nan")}), "[data] validation_split: expected a f"),
+    ({"study": {"name": "s", "time_budget": float("nan")}}, "[study] time_budget: expected a "
+                                                             "finite duration"),
+    ({"study": {"name": "s", "trial_timeout": float("inf")}}, "[study] trial_timeout: expected"),
+    ({"study": {"name": "s", "seed": 2**40}}, "[study] seed: must be at most 2147483647"),
 ])
 def test_bad_input_names_the_file_and_key(raw: dict, expected: str) -> None:
     with pytest.raises(UserError) as err:

@@ -8,6 +8,7 @@ because it is stored inside the study: a worker on another node needs only the s
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -186,7 +187,8 @@ def parse_spec(raw: dict[str, Any], where: str = "<study>") -> StudySpec:
         keep_models=_keep_models(p, study),
         sampler=p.choice(study, "study", "sampler", "tpe", SAMPLERS),
         pruner=p.choice(study, "study", "pruner", "median", PRUNERS),
-        seed=p.integer(study, "study", "seed", None, minimum=0),
+        # a trial's seed is this plus its number, and NumPy's seeds stop at 2**32 - 1
+        seed=p.integer(study, "study", "seed", None, minimum=0, maximum=2**31 - 1),
         data=DataSpec(
             source=_check_source(p, p.string(data, "data", "source", "digits")),
             validation_split=p.number(data, "data", "validation_split", 0.2, low=0.0, high=1.0,
@@ -327,7 +329,7 @@ class _Parser:
         return value
 
     def integer(self, raw: dict, table: str, key: str, default: int | None,
-                minimum: int) -> int | None:
+                minimum: int, maximum: int | None = None) -> int | None:
         if key not in raw:
             return default
         value = raw[key]
@@ -335,6 +337,8 @@ class _Parser:
             self.fail(table, key, f"expected a whole number, got {value!r}")
         if value < minimum:
             self.fail(table, key, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            self.fail(table, key, f"must be at most {maximum}, got {value}")
         return value
 
     def number(self, raw: dict, table: str, key: str, default: float, low: float | None = None,
@@ -363,6 +367,8 @@ class _Parser:
         if seconds is None:
             self.fail(table, key, f"expected seconds or a duration like \"90s\", \"30m\", "
                       f"\"8h\", \"2d\", got {value!r}")
+        if not math.isfinite(seconds):  # type: ignore[arg-type]
+            self.fail(table, key, f"expected a finite duration, got {value!r}")
         if seconds <= 0:  # type: ignore[operator]
             self.fail(table, key, f"must be more than 0 seconds, got {value!r}")
         return seconds
@@ -397,6 +403,8 @@ class _Parser:
 
     def _bounds(self, table: str, key: str, value: float, low: float | None,
                 high: float | None, open_low: bool, open_high: bool) -> None:
+        if not math.isfinite(value):
+            self.fail(table, key, f"expected a finite number, got {value}")
         if low is not None and (value < low or (open_low and value == low)):
             self.fail(table, key, f"{value} is out of range: must be {'>' if open_low else '>='}"
                       f" {low}")
