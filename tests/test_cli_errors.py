@@ -121,6 +121,24 @@ def test_malformed_url(tmp_path: Path) -> None:
     assert_one_line(result, 2, "malformed storage URL")
 
 
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_a_url_without_a_driver_uses_psycopg2(tmp_path: Path, pg_url: str, scheme: str) -> None:
+    """The URL most users copy (SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which
+    is not installed; postgres:// is what hosting services hand out)."""
+    url = pg_url.replace("postgresql+psycopg2://", f"{scheme}://")
+    assert cli("create", str(write_study(tmp_path, "bare")), "--storage", url).returncode == 0
+    status = cli("status", "--storage", url)
+    assert status.returncode == 0 and "bare" in status.stdout, status.stderr
+
+
+def test_settings_from_the_environment_are_named_as_such(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    result = cli("status", env={"TUNER_STORAGE_PASSWORD_FILE": str(missing)})
+    assert_one_line(result, 2, f"$TUNER_STORAGE_PASSWORD_FILE: cannot read {missing}")
+    result = cli("status", env={"TUNER_STORAGE": "not a url"})
+    assert_one_line(result, 2, "$TUNER_STORAGE: malformed storage URL")
+
+
 def test_a_port_that_is_not_a_number(tmp_path: Path) -> None:
     result = cli("status", "--storage", "postgresql+psycopg2://u@h:abc/db")
     assert_one_line(result, 2, "the port must be a number")

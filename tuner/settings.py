@@ -20,6 +20,7 @@ dashboard figure updates               at most one per ``$TUNER_FIGURE_INTERVAL`
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -33,14 +34,38 @@ DEFAULT_ARTIFACTS = "tuner-artifacts"
 def storage_url(flag: str | None = None, password_file: str | None = None) -> str:
     """The storage URL, its password filled in from a file if one is named."""
     url = flag or os.environ.get("TUNER_STORAGE") or DEFAULT_STORAGE
-    password_file = password_file or os.environ.get("TUNER_STORAGE_PASSWORD_FILE")
+    try:
+        url = _with_driver(url)
+    except UserError as exc:
+        if flag:
+            raise
+        raise UserError(f"$TUNER_STORAGE: {exc}") from None
+    source = "--storage-password-file"
+    if not password_file and os.environ.get("TUNER_STORAGE_PASSWORD_FILE"):
+        password_file, source = (os.environ["TUNER_STORAGE_PASSWORD_FILE"],
+                                 "$TUNER_STORAGE_PASSWORD_FILE")
     if password_file:
         try:
             password = Path(password_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise UserError(f"--storage-password-file: cannot read {password_file} "
+            raise UserError(f"{source}: cannot read {password_file} "
                             f"({exc.strerror})") from None
         url = with_password(url, password)
+    return url
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` URLs with the driver tuner installs (psycopg2).
+
+    SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3, which tuner does not install,
+    and does not know ``postgres://`` (the form many hosting services hand out). A URL that
+    names its driver is left alone, and so is a bare one where psycopg 3 is installed.
+    """
+    parsed = parse_url(url)
+    if parsed.drivername == "postgres" or (parsed.drivername == "postgresql"
+                                           and importlib.util.find_spec("psycopg") is None):
+        return parsed.set(drivername="postgresql+psycopg2").render_as_string(
+            hide_password=False)
     return url
 
 
