@@ -143,6 +143,18 @@ def test_unknown_study_is_a_user_error(tmp_path: Path, any_url: str) -> None:
         assert proc.stderr.strip() == "tuner: error: unknown study 'lok': did you mean 'look'?"
 
 
+def test_the_line_a_pruned_trial_ends_with_shows_its_best_epoch(tmp_path: Path,
+                                                                 any_url: str) -> None:
+    """`tuner run` and `tuner worker` print each finished trial; for a pruned one Optuna keeps
+    the last epoch's value, but the line (as `tuner trials`) shows its best validation loss."""
+    from tuner.worker import _outcome
+
+    study = make_study(any_url, tmp_path)
+    storage = open_storage(any_url, heartbeat=False)
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert [_outcome(storage, study._study_id, t, 1.0, "").value for t in pruned] == [1.5, 1.7]
+
+
 def test_trials_in_three_formats(tmp_path: Path, any_url: str) -> None:
     study = make_study(any_url, tmp_path)
     n = len(study.trials)

@@ -512,8 +512,9 @@ def _outcome(storage: RDBStorage, study_id: int, frozen: optuna.trial.FrozenTria
     best_value = None if found is None else found["value"]
     best_number = None if found is None else found["number"]
     value = frozen.value
-    if value is None and frozen.intermediate_values:
-        value = frozen.intermediate_values[max(frozen.intermediate_values)]
+    reported = [v for v in frozen.intermediate_values.values() if math.isfinite(v)]
+    if frozen.state != TrialState.COMPLETE and reported:
+        value = min(reported)  # its best epoch, as `tuner trials` shows (Optuna keeps the last)
     return Outcome(number=frozen.number, state=frozen.state.name,
                    epochs_run=frozen.user_attrs.get(attrs.EPOCHS_RUN),
                    value=None if value is None or math.isnan(value) else value,
