@@ -131,6 +131,11 @@ def test_a_url_without_a_driver_uses_psycopg2(tmp_path: Path, pg_url: str, schem
     assert status.returncode == 0 and "bare" in status.stdout, status.stderr
 
 
+def test_a_database_tuner_does_not_run_on_is_one_line() -> None:
+    result = cli("status", "--storage", "mysql+pymysql://root@127.0.0.1/test")
+    assert_one_line(result, 2, "mysql is not supported", "postgresql+psycopg2://")
+
+
 def test_settings_from_the_environment_are_named_as_such(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     result = cli("status", env={"TUNER_STORAGE_PASSWORD_FILE": str(missing)})

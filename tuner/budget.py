@@ -578,4 +578,4 @@ def study_lock(storage: RDBStorage, study_name: str, purpose: str,
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
     else:
-        yield True  # other databases: best effort
+        yield True  # other databases are refused when the URL is read (settings.storage_url)

@@ -66,6 +66,11 @@ def _with_driver(url: str) -> str:
                                            and importlib.util.find_spec("psycopg") is None):
         return parsed.set(drivername="postgresql+psycopg2").render_as_string(
             hide_password=False)
+    if parsed.get_backend_name() not in ("postgresql", "sqlite"):
+        # The claim path's lock and tuner's own queries are written for these two.
+        raise UserError(f"storage URL: {parsed.get_backend_name()} is not supported; use "
+                        "PostgreSQL (postgresql+psycopg2://user@host:5432/dbname) or, on one "
+                        "machine, SQLite (sqlite:///tuner.db)")
     return url
 
 
