@@ -328,6 +328,39 @@ def test_a_trial_created_after_the_lock_was_lost_is_not_run(pg_url: str) -> None
     assert trials[1].user_attrs[attrs.FAIL_REASON].startswith("created after its worker lost")
 
 
+@pytest.mark.parametrize("meanwhile", [TrialState.COMPLETE, TrialState.FAIL])
+def test_a_state_change_retried_after_a_dropped_connection(
+        pg_url: str, meanwhile: TrialState, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection drops as a worker tells COMPLETE; on the retry the trial is already
+    finished. If it was this write that committed, the tell succeeded; if another worker's
+    sweep failed the trial meanwhile, the worker must hear so, not believe it completed."""
+    from optuna.storages import RDBStorage
+    from sqlalchemy import exc as sa_exc
+
+    storage = _storage(pg_url)
+    trial_id = _new_study(storage, 2).ask()._trial_id
+    write = RDBStorage.set_trial_state_values
+    dropped: list[bool] = []
+
+    def drops_once(self: RDBStorage, trial_id: int, state: TrialState,
+                   values: list[float] | None = None) -> bool:
+        if not dropped:
+            dropped.append(True)
+            write(self, trial_id, meanwhile, [0.5] if meanwhile == TrialState.COMPLETE
+                  else None)  # committed, by this try or by another worker's sweep
+            raise sa_exc.OperationalError("COMMIT", {}, Exception(
+                "server closed the connection unexpectedly"))
+        return write(self, trial_id, state, values)
+
+    monkeypatch.setattr(RDBStorage, "set_trial_state_values", drops_once)
+    if meanwhile == TrialState.COMPLETE:
+        assert storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.5])
+    else:
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.5])
+    assert dropped and storage.get_trial(trial_id).state == meanwhile
+
+
 # --- the never-beat check does not read the worker's local clock --------------------------------
 
 

@@ -95,13 +95,14 @@ def retry_interval(attempt: int) -> float:
 
 
 def retry_on_disconnect(storage: RDBStorage, action: Callable[[], Any],
-                        finished_by_earlier_try: bool = False) -> Any:
+                        finished_by_earlier_try: Callable[[], bool] | None = None) -> Any:
     """Run ``action`` again from the start while the database is unreachable.
 
     The one retry loop: every storage call goes through it (:class:`ResilientRDBStorage`),
     and so do steps that must be redone as a whole (the budget check and the trial it
-    creates). ``finished_by_earlier_try``: an ``UpdateFinishedTrialError`` after a retry means
-    the try before committed just before the connection dropped, which is success.
+    creates). ``finished_by_earlier_try``: after an ``UpdateFinishedTrialError`` on a retry,
+    whether the try before committed just before the connection dropped (success), rather
+    than another worker finishing the trial meanwhile (the error stands).
     """
     deadline = time.monotonic() + settings.db_retry_seconds()
     attempt = 0
@@ -109,7 +110,8 @@ def retry_on_disconnect(storage: RDBStorage, action: Callable[[], Any],
         try:
             result = action()
         except optuna.exceptions.UpdateFinishedTrialError:
-            if attempt and finished_by_earlier_try:
+            if attempt and finished_by_earlier_try is not None \
+                    and retry_on_disconnect(storage, finished_by_earlier_try):
                 return True
             raise
         except (sa_exc.OperationalError, sa_exc.InterfaceError,
@@ -156,8 +158,17 @@ class ResilientRDBStorage(RDBStorage):
 def _retrying(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        return retry_on_disconnect(self, lambda: method(self, *args, **kwargs),
-                                   finished_by_earlier_try=name == "set_trial_state_values")
+        call = getattr(RDBStorage, name)
+        earlier = None
+        if name == "set_trial_state_values":
+            asked = inspect.signature(call).bind(self, *args, **kwargs).arguments
+
+            def earlier() -> bool:  # our own write, or another worker's?
+                found = RDBStorage.get_trial(self, asked["trial_id"])
+                return found.state == asked["state"]
+
+        return retry_on_disconnect(self, lambda: call(self, *args, **kwargs),
+                                   finished_by_earlier_try=earlier)
 
     return wrapper
 
