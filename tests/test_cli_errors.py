@@ -89,6 +89,17 @@ def test_bad_input_writes_nothing_to_postgres(tmp_path: Path, pg_url: str) -> No
     engine.dispose()
 
 
+def test_a_changed_study_file_says_what_changed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert cli("create", str(write_study(tmp_path, "same", epochs=2)), "--storage",
+               url).returncode == 0
+    changed = write_study(tmp_path, "same", epochs=16, n_trials=9, dropout="[0.1, 0.5]")
+    result = cli("create", str(changed), "--storage", url)
+    assert_one_line(result, 2, "study 'same' already exists with another [model] epochs (16, "
+                    "stored 2), [search] dropout", "only n_trials, epoch_budget")
+    assert "n_trials" not in result.stderr.split(";")[0]  # a budget may change
+
+
 def test_unknown_study_for_best(tmp_path: Path, pg_url: str) -> None:
     run = cli("create", str(write_study(tmp_path, "digits-x")), "--storage", pg_url)
     assert run.returncode == 0, run.stderr

@@ -8,8 +8,10 @@ every process (Optuna does not store them).
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from dataclasses import replace
+from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
@@ -36,8 +38,10 @@ def create_or_resume(spec: StudySpec, storage: RDBStorage,
     if existing is not None:
         budget = {field: getattr(spec, field) for field in CHANGEABLE_FIELDS}
         if replace(existing, **budget) != spec:
-            raise UserError(f"study {spec.name!r} already exists with a different study file; "
-                            "give the study a new [study] name to start afresh")
+            changed = _changed_keys(replace(existing, **budget), spec)
+            raise UserError(f"study {spec.name!r} already exists with another {changed}; only "
+                            f"{', '.join(CHANGEABLE_FIELDS)} may change: give the study a new "
+                            "[study] name to start afresh")
         study = optuna.load_study(study_name=spec.name, storage=storage,
                                   sampler=make_sampler(spec), pruner=make_pruner(spec))
         if existing != spec:
@@ -50,6 +54,27 @@ def create_or_resume(spec: StudySpec, storage: RDBStorage,
     if artifacts:
         study.set_user_attr(attrs.ARTIFACTS, artifacts)
     return study, True
+
+
+def _changed_keys(stored: StudySpec, new: StudySpec) -> str:
+    """``[model] epochs (16, stored 20)``: what differs, as the study file spells it."""
+    def flat(spec: StudySpec) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in spec.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"[{key}] {k}": v for k, v in value.items()})
+            else:
+                out[f"[study] {key}"] = value
+        return out
+
+    before, after = flat(stored), flat(new)
+    keys = [k for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)]
+    shown = [f"{k} ({_toml(after.get(k))}, stored {_toml(before.get(k))})" for k in keys[:3]]
+    return ", ".join(shown) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _toml(value: Any) -> str:
+    return "unset" if value is None else json.dumps(value)
 
 
 def load(name: str, storage: RDBStorage) -> tuple[optuna.Study, StudySpec]:
