@@ -100,6 +100,19 @@ def test_a_changed_study_file_says_what_changed(tmp_path: Path) -> None:
     assert "n_trials" not in result.stderr.split(";")[0]  # a budget may change
 
 
+def test_an_artifact_directory_that_cannot_be_used(tmp_path: Path) -> None:
+    """`tuner run` checks --artifacts before it creates anything; `tuner create` does not (the
+    path may exist only on the GPU nodes), and a worker then names where the path came from."""
+    study = write_study(tmp_path, "art")
+    result = cli("run", str(study), "--artifacts", "/proc/nope", cwd=tmp_path)
+    assert_one_line(result, 2, "--artifacts: cannot use /proc/nope")
+    assert not (tmp_path / "tuner.db").exists()
+    assert cli("create", str(study), "--artifacts", "/proc/nope", cwd=tmp_path).returncode == 0
+    worker = run_tuner("worker", "--study", "art", "--gpus", "none", cwd=tmp_path)
+    assert_one_line(worker, 1, "artifact directory /proc/nope (recorded when the study was "
+                    "created; --artifacts DIR or $TUNER_ARTIFACTS overrides it)")
+
+
 def test_unknown_study_for_best(tmp_path: Path, pg_url: str) -> None:
     run = cli("create", str(write_study(tmp_path, "digits-x")), "--storage", pg_url)
     assert run.returncode == 0, run.stderr

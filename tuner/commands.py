@@ -173,8 +173,13 @@ def _create_or_resume(opts: argparse.Namespace, out: TextIO, resuming: bool):  #
     spec = load_spec(opts.study_file)
     check_source(spec.data)
     url = settings.storage_url(opts.storage, opts.storage_password_file)
-    storage = open_storage(url)
     artifacts = os.path.abspath(settings.artifacts_dir(opts.artifacts, None, url))
+    if resuming and opts.artifacts:  # trials run here: the directory must be usable here
+        try:  # (`tuner create` may name a path that only the GPU nodes have)
+            os.makedirs(artifacts, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--artifacts: cannot use {artifacts}: {exc.strerror}") from None
+    storage = open_storage(url)
     study, new = studies.create_or_resume(spec, storage, str(artifacts))
     usage, budget = Claimer(study, storage).state()
     if new:

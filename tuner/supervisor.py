@@ -269,6 +269,8 @@ class _Supervisor:
             say(self.out, render.worker_stopped())
             return ExitCode.OK
         failed = [c.message for c in self.children if c.outcome == "failed"]
+        if failed and len(self.children) == 1 and _read(self.children[0].report):
+            return ExitCode.FAILURE  # its own "tuner: error:" line is the last one already
         if failed:
             raise RuntimeFailure("; ".join(failed))
         say(self.out, render.worker_done())

@@ -346,7 +346,10 @@ def artifact_store(study: optuna.Study, override: str | None
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RuntimeFailure(f"artifact directory {path}: {exc.strerror}") from None
+        where = "" if override or os.environ.get("TUNER_ARTIFACTS") else \
+            " (recorded when the study was created; --artifacts DIR or $TUNER_ARTIFACTS " \
+            "overrides it)"
+        raise RuntimeFailure(f"artifact directory {path}{where}: {exc.strerror}") from None
     return optuna.artifacts.FileSystemArtifactStore(str(path))
 
 
