@@ -113,6 +113,18 @@ def test_an_artifact_directory_that_cannot_be_used(tmp_path: Path) -> None:
                     "created; --artifacts DIR or $TUNER_ARTIFACTS overrides it)")
 
 
+def test_a_model_module_that_does_not_import_runs_no_trial(tmp_path: Path) -> None:
+    study = write_study(tmp_path, "mod", family="nosuchmod:wide")
+    run = run_tuner("run", str(study), cwd=tmp_path)
+    assert_one_line(run, 2, "[model] family: cannot import 'nosuchmod'")
+    assert not (tmp_path / "tuner.db").exists()
+    assert cli("create", str(study), cwd=tmp_path).returncode == 0  # may import on the nodes
+    worker = run_tuner("worker", "--study", "mod", "--gpus", "none", cwd=tmp_path)
+    assert_one_line(worker, 1, "[cpu] [model] family: cannot import 'nosuchmod'")
+    assert optuna.load_study(study_name="mod", storage=f"sqlite:///{tmp_path / 'tuner.db'}"
+                             ).trials == []
+
+
 def test_unknown_study_for_best(tmp_path: Path, pg_url: str) -> None:
     run = cli("create", str(write_study(tmp_path, "digits-x")), "--storage", pg_url)
     assert run.returncode == 0, run.stderr

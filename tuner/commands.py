@@ -172,6 +172,13 @@ def _create_or_resume(opts: argparse.Namespace, out: TextIO, resuming: bool):  #
 
     spec = load_spec(opts.study_file)
     check_source(spec.data)
+    if resuming and ":" in spec.model.family:  # trials run here: a user's model must import
+        from tuner.tfsetup import init_tensorflow  # (`tuner create` may run where it cannot)
+
+        init_tensorflow()  # quietly, before the model's module imports Keras
+        from tuner.models import resolve_family
+
+        resolve_family(spec.model.family)
     url = settings.storage_url(opts.storage, opts.storage_password_file)
     artifacts = os.path.abspath(settings.artifacts_dir(opts.artifacts, None, url))
     if resuming and opts.artifacts:  # trials run here: the directory must be usable here

@@ -107,6 +107,9 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
 
         notice(no_gpu_seen(pinned, version("tensorflow")))
     from tuner.data import load_arrays, make_datasets
+    from tuner.models import resolve_family
+
+    resolve_family(spec.model.family)  # a user's module that does not import: one line, no trial
     from tuner.trial import TrialDiverged, run_trial
 
     arrays = load_arrays(spec.data, seed=spec.seed or 0)
@@ -192,7 +195,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                         reason = _timed_out_reason(claimed.timeout)
                     else:
                         reason = _reason(exc)
-                    if not (limit.fired or isinstance(exc, TrialDiverged)):
+                    if progress is None and not (limit.fired or isinstance(exc, TrialDiverged)):
                         _log.warning("trial %d failed: %s", trial.number, reason)
                     try:
                         trial.set_user_attr(attrs.FAIL_REASON, reason)
