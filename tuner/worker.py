@@ -198,7 +198,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                     if progress is None and not (limit.fired or isinstance(exc, TrialDiverged)):
                         _log.warning("trial %d failed: %s", trial.number, reason)
                     try:
-                        trial.set_user_attr(attrs.FAIL_REASON, reason)
+                        recorder.attrs(_failed_attrs(trial, reason, time.monotonic() - t0))
                         frozen = claimer.tell(trial, state=TrialState.FAIL)
                     except optuna.exceptions.UpdateFinishedTrialError:
                         continue
@@ -340,6 +340,17 @@ class SqlRecorder:
                 "dead")
         except Exception as exc:  # noqa: BLE001 - raised in the training thread instead
             return exc
+
+
+def _failed_attrs(trial: optuna.Trial, reason: str, seconds: float) -> dict[str, Any]:
+    """Why a trial failed, and, when it failed in training (a timeout, a NaN loss, an error in
+    the model), the epochs it trained and for how long: they were spent all the same."""
+    values: dict[str, Any] = {attrs.FAIL_REASON: reason}
+    if attrs.EPOCHS_RUN not in trial.user_attrs:
+        curve = trial.user_attrs.get(attrs.CURVE) or {}
+        values.update({attrs.EPOCHS_RUN: len(curve.get("val_loss", [])),
+                       attrs.SECONDS: round(seconds, 3)})
+    return values
 
 
 def artifact_store(study: optuna.Study, override: str | None
