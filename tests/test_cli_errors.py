@@ -200,6 +200,27 @@ def test_dashboard_port_out_of_range(port: str) -> None:
     assert_one_line(cli("dashboard", "--port", port), 2, "--port")
 
 
+def test_dashboard_on_a_host_that_is_not_here(tmp_path: Path) -> None:
+    assert cli("create", str(write_study(tmp_path)), cwd=tmp_path).returncode == 0
+    result = cli("dashboard", "--host", "999.1.1.1", cwd=tmp_path)
+    assert_one_line(result, 1, "cannot listen on 999.1.1.1", "(check --host)")
+
+
+def test_sigterm_stops_the_dashboard_as_ctrl_c_does(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from conftest import TUNER
+
+    assert cli("create", str(write_study(tmp_path)), cwd=tmp_path).returncode == 0
+    proc = subprocess.Popen([*TUNER, "dashboard", "--port", "0"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and "optuna-dashboard for" in proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)  # as systemd, Docker or Kubernetes stop it
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Dashboard stopped." in out and err == "", err
+
+
 def test_an_npz_of_python_objects(tmp_path: Path) -> None:
     data = tmp_path / "data.npz"
     np.savez(data, x=np.array([object()] * 4, dtype=object), y=np.zeros(4, dtype=int))

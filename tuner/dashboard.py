@@ -13,10 +13,14 @@ learning curves of the best trials and the losses against each knob (:mod:`tuner
 
 from __future__ import annotations
 
+import errno
 import logging
+import signal
+import socket
 import threading
 from pathlib import Path
 from socketserver import ThreadingMixIn
+from types import FrameType
 from typing import BinaryIO, TextIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -96,11 +100,15 @@ def run_dashboard(url: str, out: TextIO, host: str = "127.0.0.1", port: int = 80
         server = make_server(host, port, app, server_class=_Server,
                              handler_class=_QuietHandler)
     except OSError as exc:
-        raise RuntimeFailure(f"cannot listen on {host}:{port}: {exc.strerror or exc} (pick "
-                             "another --port)") from None
+        hint = "check --host" if isinstance(exc, socket.gaierror) or \
+            exc.errno == errno.EADDRNOTAVAIL else "pick another --port"
+        raise RuntimeFailure(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                             f"({hint})") from None
     shown = f"[{host}]" if ":" in host else host
     print(render.dashboard_started(mask(url), f"http://{shown}:{server.server_port}/dashboard",
                                    [str(d) for d in directories], host), file=out, flush=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_serving)  # a service manager stops it as Ctrl-C
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -109,6 +117,10 @@ def run_dashboard(url: str, out: TextIO, host: str = "127.0.0.1", port: int = 80
         server.server_close()
     return 0
 
+
+
+def _stop_serving(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 # --- the study page: figures and a note, kept up to date by the workers ------------------------
