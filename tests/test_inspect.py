@@ -235,6 +235,27 @@ def test_importance_with_too_few_trials_says_so(tmp_path: Path, any_url: str) ->
     assert "Traceback" not in proc.stderr
 
 
+def test_what_the_commands_print_at_the_edges() -> None:
+    """A loss column that stays four decimals, a study without knobs, one configuration
+    confirmed, and a time budget spent while workers still run."""
+    from tuner import render
+    from tuner.budget import Budget, Usage
+    from tuner.confirm import Queued
+
+    summary = {"study": "s", "trial": 0, "val_loss": 0.1, "val_accuracy": 0.9,
+               "train_loss": 0.1003, "gap": -0.000299, "test_loss": None, "best_epoch": 3,
+               "epochs_run": 5, "max_epochs": 5, "params": {},
+               "test_worse_than_median": False}
+    assert "  gap            -0.0003   val_loss" in render.best(summary)
+    fixed = {"importances": None, "note": "no knob to weigh", "best_trial": 0, "ranges": []}
+    assert render.importance(fixed).splitlines()[-1] == \
+        "Best trial #0: every knob is fixed in the study file, so no range to widen."
+    one = render.confirm_queued("s", Queued(1, 2, [4], 2, new=True))
+    assert "the best configuration (trial #4), 2 new seeds each" in one
+    spent = Budget(seconds=15, clock_started=1000.0).progress(Usage(), now=1026.0)
+    assert spent == "0 trials finished, 15s of 15s"
+
+
 def test_status_of_an_unreachable_database_is_one_line_without_the_password() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

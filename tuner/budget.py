@@ -116,7 +116,8 @@ class Budget:
         if self.seconds is not None:
             spent = 0.0 if self.clock_started is None else \
                 max(0.0, (now or time.time()) - self.clock_started)
-            parts.append(f"{duration(round(spent))} of {duration(self.seconds)}")
+            parts.append(f"{duration(round(min(spent, self.seconds)))} of "
+                         f"{duration(self.seconds)}")  # a spent budget stops counting
         return ", ".join(parts)
 
 

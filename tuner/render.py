@@ -44,6 +44,11 @@ def number(value: float | None, places: int = 4) -> str:
     return f"{value:.{places}f}"
 
 
+def _loss(value: float | None) -> str:
+    """A loss or an accuracy: always 4 decimals, so that a column of them lines up."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _count(n: int, noun: str) -> str:
     """``1 trial``, ``3 trials``."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
@@ -148,10 +153,12 @@ def confirm_queued(study: str, q: Queued) -> str:
     if not q.new:
         return (f"Study {study!r} was already confirmed: {q.trials} runs of trials {configs} "
                 f"were queued before ({q.seeds} seeds each); `tuner best` ranks them.")
-    return (f"Queued {q.trials} runs in study {study!r}: the top {len(q.configs)} "
-            f"configurations (trials {configs}), {seeds}. The study's budget grew by "
-            f"{q.trials}; workers run them next (start one with `tuner worker --study {study}` "
-            "if none is running), then `tuner best` ranks them.")
+    top = "the best configuration (trial" if len(q.configs) == 1 else \
+        f"the top {len(q.configs)} configurations (trials"
+    return (f"Queued {q.trials} runs in study {study!r}: {top} {configs}), {seeds}. The "
+            f"study's budget grew by {q.trials}; workers run them next (start one with "
+            f"`tuner worker --study {study}` if none is running), then `tuner best` ranks "
+            "them.")
 
 
 # --- best --------------------------------------------------------------------------------------
@@ -162,16 +169,16 @@ def best(summary: dict[str, Any]) -> str:
     s = summary
     lines = [
         f"Best trial of study {s['study']!r}: #{s['trial']}",
-        f"  val_loss       {number(s['val_loss'])}   validation cross-entropy, no L2 penalty",
-        f"  val_accuracy   {number(s['val_accuracy'])}",
-        f"  train_loss     {number(s['train_loss'])}   the same, on training data "
+        f"  val_loss       {_loss(s['val_loss'])}   validation cross-entropy, no L2 penalty",
+        f"  val_accuracy   {_loss(s['val_accuracy'])}",
+        f"  train_loss     {_loss(s['train_loss'])}   the same, on training data "
         "(no dropout, no augmentation)",
-        f"  gap            {number(s['gap'])}   val_loss - train_loss at the best epoch",
+        f"  gap            {_loss(s['gap'])}   val_loss - train_loss at the best epoch",
     ]
     if s["test_loss"] is not None:
-        lines += [f"  test_loss      {number(s['test_loss'])}   on the test split, never used "
+        lines += [f"  test_loss      {_loss(s['test_loss'])}   on the test split, never used "
                   "to choose",
-                  f"  test_accuracy  {number(s['test_accuracy'])}"]
+                  f"  test_accuracy  {_loss(s['test_accuracy'])}"]
     lines += [f"  best epoch     {s['best_epoch']} of {s['epochs_run']} run "
               f"(max {s['max_epochs']})"]
     lines += _curve_lines(s.get("curve"), s.get("val_loss_turned_up_at"))
@@ -180,7 +187,7 @@ def best(summary: dict[str, Any]) -> str:
     if not s["params"]:
         lines.append("    (none: every knob is fixed in the study file)")
     if s["test_worse_than_median"]:
-        lines.append(f"Note: its test loss {number(s['test_loss'])} is worse than the median "
+        lines.append(f"Note: its test loss {_loss(s['test_loss'])} is worse than the median "
                      f"completed trial's ({number(s['test_loss_median_of_completed'])}): its "
                      "low validation loss is partly luck. `tuner confirm` retrains the best "
                      "configurations with new seeds.")
@@ -358,6 +365,10 @@ def importance(report: dict[str, Any]) -> str:
             lines.append(f"  {name:<{width}}  {value:5.2f}  {'#' * int(round(value * 30))}")
     if report["best_trial"] is None:
         lines.append("No completed trial yet: nothing to say about the search ranges.")
+        return "\n".join(lines)
+    if not report["ranges"]:
+        lines.append(f"Best trial #{report['best_trial']}: every knob is fixed in the study "
+                     "file, so no range to widen.")
         return "\n".join(lines)
     lines.append(f"Best trial #{report['best_trial']}: where each value sits in its range "
                  "(0% = low edge, 100% = high edge)")
