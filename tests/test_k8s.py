@@ -10,6 +10,8 @@ time to hand a trial back, the image the Dockerfile builds, a dashboard kept ins
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,6 +142,31 @@ def test_grace_period_covers_handing_the_trial_back() -> None:
     fail_job = [r for r in rules if r["action"] == "FailJob"]
     assert fail_job and fail_job[0]["onExitCodes"]["values"] == [2]  # user errors stop it
     assert fail_job[0]["onExitCodes"]["containerName"] == "worker"
+
+
+def test_an_evicted_worker_fails_so_that_the_job_replaces_it() -> None:
+    """A worker stopped by SIGTERM exits 0 by default; a pod that exits 0 counts as done, and
+    the DisruptionTarget rule (which ignores evictions) applies only to failed pods."""
+    job = _objects("Job")["tuner-worker"]["spec"]
+    (worker,) = job["template"]["spec"]["containers"]
+    env = {v["name"]: v.get("value") for v in worker["env"]}
+    assert int(env["TUNER_SIGNAL_EXIT_CODE"]) not in (0, 2)  # 2 would fail the whole Job
+    ignored = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "Ignore"]
+    assert ignored[0]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+
+
+def test_the_pods_carry_the_label_the_readme_selects_them_by() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    built = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True,
+                           check=True, timeout=60).stdout
+    assert "kubectl get pods -l app.kubernetes.io/part-of=tuner" in \
+        (REPO / "README.md").read_text()
+    for doc in yaml.safe_load_all(built):
+        if doc and doc["kind"] in ("Job", "Deployment"):
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            assert labels.get("app.kubernetes.io/part-of") == "tuner", doc["metadata"]["name"]
 
 
 def test_workers_wait_for_the_study_that_the_create_job_registers() -> None:

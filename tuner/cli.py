@@ -170,7 +170,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         return ExitCode.INTERRUPTED
     except _StoppedEarly:
         print("tuner: stopped by SIGTERM before any trial started", file=err)
-        return ExitCode.OK
+        from tuner.settings import signal_exit_code
+
+        try:
+            return signal_exit_code()
+        except TunerError:
+            return ExitCode.OK
     except BrokenPipeError:
         # The reader went away (`tuner trials | head`): not a failure. Point stdout at
         # /dev/null so that Python's own flush at exit does not complain again.

@@ -124,6 +124,20 @@ def quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def signal_exit_code() -> int:
+    """The exit status of a worker stopped by SIGTERM or Ctrl-C once its trials are given back
+    (``$TUNER_SIGNAL_EXIT_CODE``, default 0). A scheduler that replaces only failed workers
+    (Kubernetes' pod failure policy for evicted pods) needs one that is not 0."""
+    value = os.environ.get("TUNER_SIGNAL_EXIT_CODE")
+    try:
+        code = int(value) if value else 0
+    except ValueError:
+        code = -1
+    if not 0 <= code <= 255:
+        raise UserError(f"$TUNER_SIGNAL_EXIT_CODE: expected an exit status 0-255, got {value!r}")
+    return code
+
+
 def _seconds(name: str, default: int) -> int:
     value = os.environ.get(name)
     try:

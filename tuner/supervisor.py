@@ -37,6 +37,7 @@ from typing import TextIO
 
 from tuner import render
 from tuner.errors import ExitCode, RuntimeFailure, TunerError, UserError
+from tuner.settings import signal_exit_code
 
 MAX_RESTARTS = 5
 STABLE_SECONDS = 600.0  # a child that ran this long before dying starts a fresh restart count
@@ -152,6 +153,7 @@ def run_worker_command(url: str, study: str, out: TextIO, *, gpus: str = "all",
                        trials_per_gpu: int = 1, n_trials: int | None = None,
                        timeout: float | None = None, artifacts: str | None = None) -> int:
     """Check the study, start the children, supervise them until all are done; exit code."""
+    signal_exit_code()  # a bad setting is one line now, not after hours of trials
     _check_study(url, study)
     devices = parse_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     slots = plan_children(devices, trials_per_gpu)
@@ -267,7 +269,7 @@ class _Supervisor:
     def _finish(self) -> int:
         if self.stopping:
             say(self.out, render.worker_stopped())
-            return ExitCode.OK
+            return signal_exit_code()
         failed = [c.message for c in self.children if c.outcome == "failed"]
         if failed and len(self.children) == 1 and _read(self.children[0].report):
             return ExitCode.FAILURE  # its own "tuner: error:" line is the last one already
