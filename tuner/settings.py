@@ -15,6 +15,8 @@ database retries                       ``$TUNER_DB_RETRY_SECONDS`` (300 s)
 dashboard figure updates               at most one per ``$TUNER_FIGURE_INTERVAL`` (30 s) per
                                        study, or per 50 times the last update's processor
                                        time if longer; and one when a worker stops
+exit status of a worker stopped by a   ``$TUNER_SIGNAL_EXIT_CODE`` (0)
+signal, its trials given back
 =====================================  ==========================================================
 """
 
