@@ -252,34 +252,34 @@ class Claimer:
         so a trial they created may be one over the budget. A queued trial taken meanwhile is
         kept: taking it is one guarded state change that no other worker can repeat.
         """
-        decided: dict[str, Any] = {"trial_id": None}
+        verdict: Verdict | None = None
+        budget = Budget()
+        trial_id = created = None
         try:
             with budget_lock(self.storage, self.study.study_name, strict=True):
                 if self._sweep_due():
                     self._sweep()
                 usage, budget = self.state()
                 verdict = decide(usage, budget, time.time())
-                decided.update(verdict=verdict, budget=budget)
-                trial_id = None
                 if verdict.decision is Decision.TAKE:
-                    trial_id = decided["trial_id"] = self._pop_waiting()
+                    trial_id = self._pop_waiting()
                 if verdict.decision is Decision.CREATE or (
                         verdict.decision is Decision.TAKE and trial_id is None):
                     # Through the study's own (caching) storage, as Study.ask does, so the
                     # trial's parameters can be set through it later.
-                    trial_id = decided["created"] = decided["trial_id"] = \
-                        self.study._storage.create_new_trial(self.study_id)
+                    trial_id = created = self.study._storage.create_new_trial(self.study_id)
                 if trial_id is not None:
                     if self.storage.get_heartbeat_interval():
                         self.storage.record_heartbeat(trial_id)
                     if budget.seconds is not None and budget.clock_started is None:
                         self.study.set_user_attr(attrs.CLOCK_STARTED, time.time())
         except LockLost:
-            if "created" in decided:
-                raise _CreatedWithoutLock(decided["created"]) from None
-            if "verdict" not in decided:
+            if created is not None:
+                raise _CreatedWithoutLock(created) from None
+            if verdict is None:
                 raise
-        return decided["verdict"], decided["trial_id"], decided["budget"]
+        assert verdict is not None  # the lock's exit raises only after the body ran
+        return verdict, trial_id, budget
 
     def _discard(self, trial_id: int) -> None:
         """Fail a trial created without the lock, before anything ran (not queued again)."""
