@@ -529,6 +529,36 @@ class ClaimPath(RuleBasedStateMachine):
             self.storage.die_before_heartbeat = False
         self.claimers[w] = Claimer(self.claimers[w].study, self.storage, clock=self.clock)
 
+    @rule(w=st.integers(0, WORKERS - 1), v=st.integers(0, WORKERS - 1))
+    def claim_while_the_lock_is_lost(self, w: int, v: int) -> None:
+        """The server ends w's lock session as w creates a trial; v claims meanwhile."""
+        if w == v or w in self.held or v in self.held:
+            return
+        self.beat()
+        taken: list[int] = []
+
+        def meanwhile() -> None:
+            trial_id = self.claimers[v].claim_once()[1]
+            if trial_id is not None:
+                taken.append(trial_id)
+
+        def gives_up(seconds: float) -> None:
+            raise _Died
+
+        self.storage.meanwhile = meanwhile
+        try:
+            claimed = self.claimers[w].claim(wait=gives_up)
+        except _Died:
+            claimed = None
+        finally:
+            self.storage.meanwhile = None
+        self.steps += 1
+        for who, trial_id in ((v, taken[0] if taken else None),
+                              (w, claimed.trial_id if isinstance(claimed, Claimed) else None)):
+            if trial_id is not None:
+                self.held[who] = (self.claimers[who]._trial(trial_id), trial_id)
+                self.held[who][0].suggest_float("x", 0.0, 1.0)
+
     @rule(n_trials=st.integers(1, 10))
     def change_budget(self, n_trials: int) -> None:
         usage = self.usage()
@@ -563,6 +593,12 @@ class ClaimPath(RuleBasedStateMachine):
     def never_past_the_budget(self) -> None:
         if self.claimers:
             assert self.usage().finished <= self.allowed
+
+    @invariant()
+    def never_more_running_than_the_budget_allows(self) -> None:
+        if self.claimers:
+            usage = self.usage()
+            assert usage.finished + usage.running <= max(self.allowed, self.n_trials), usage
 
     @invariant()
     def retries_are_capped(self) -> None:
