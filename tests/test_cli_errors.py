@@ -71,7 +71,17 @@ def npz_study(tmp_path: Path, **arrays: np.ndarray) -> Path:
     ({"x_train": np.zeros((4, 8, 8)), "y_train": np.zeros(4, dtype=int),
       "x_val": np.zeros((3, 8, 8)), "y_val": np.zeros(2, dtype=int)}, "labels y_val"),
     ({"x": np.zeros((4, 8)), "y": np.zeros(4, dtype=int)}, "must hold images"),
-], ids=["missing", "no arrays", "x/y mismatch", "val mismatch", "not images"])
+    ({"x_train": np.zeros((4, 8, 8)), "y_train": np.zeros(4, dtype=int),
+      "x_val": np.zeros((3, 10, 10)), "y_val": np.zeros(3, dtype=int)},
+     "x_val holds images of shape (10, 10, 1) but x_train of shape (8, 8, 1)"),
+    ({"x": np.zeros((4, 8, 8, 3)), "y": np.zeros(4, dtype=int),
+      "x_test": np.zeros((2, 8, 8)), "y_test": np.zeros(2, dtype=int)}, "x_test holds images"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.zeros(4, dtype=int), "x_test": np.zeros((2, 8, 8))},
+     "has x_test but not y_test; a test part needs both"),
+    ({"x": np.full((4, 8, 8), 4000, dtype=np.uint16), "y": np.zeros(4, dtype=int)},
+     "x holds values from 4000 to 4000; expected pixels 0-255"),
+], ids=["missing", "no arrays", "x/y mismatch", "val mismatch", "not images", "val shape",
+        "test shape", "x_test alone", "16-bit pixels"])
 def test_bad_npz_source(tmp_path: Path, arrays: dict, needle: str) -> None:
     path = npz_study(tmp_path, **arrays)
     result = cli("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")

@@ -57,6 +57,31 @@ def test_image_folders(tmp_path: Path) -> None:
     assert len(arrays.x_train) + len(arrays.x_val) == 10
 
 
+def test_an_image_folder_without_images_is_named_not_skipped(tmp_path: Path) -> None:
+    """Class i is the i-th folder: a skipped empty one would shift the classes after it."""
+    for label in ("a", "b", "c"):
+        (tmp_path / label).mkdir()
+    for label in ("a", "c"):
+        Image.new("RGB", (4, 4)).save(tmp_path / label / "0.png")
+    (tmp_path / "b" / "notes.txt").write_text("no images here")
+    with pytest.raises(UserError, match=r"folder b/ holds no images"):
+        check_source(DataSpec(source=f"images:{tmp_path}"))
+
+
+def test_an_unreadable_image_is_named(tmp_path: Path) -> None:
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / label / "0.png")
+    (tmp_path / "a" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"cannot read .*a/1\.png .*delete or fix it"):
+        load_arrays(DataSpec(source=f"images:{tmp_path}", image_size=(4, 4)))
+
+
+def test_a_keras_dataset_has_its_own_test_part() -> None:
+    with pytest.raises(UserError, match="has a test part of its own; remove test_split"):
+        check_source(DataSpec(source="keras:mnist", test_split=0.2))
+
+
 def test_image_folder_needs_two_classes(tmp_path: Path) -> None:
     (tmp_path / "only").mkdir()
     Image.new("RGB", (4, 4)).save(tmp_path / "only" / "a.png")

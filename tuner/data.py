@@ -87,6 +87,8 @@ def check_source(data: DataSpec) -> None:
         _read_npz(Path(rest), data)
     elif kind == "images":
         _check_test_split(data, _image_files(Path(rest))[1] is not None)
+    elif kind == "keras":
+        _check_test_split(data, True)  # Keras' datasets come with their test part
 
 
 def load_arrays(data: DataSpec, seed: int = 0) -> Arrays:
@@ -238,6 +240,10 @@ def _read_npz(path: Path, data: DataSpec, seed: int = 0) -> Arrays:
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
             test = None
+            if len(keys & {"x_test", "y_test"}) == 1:
+                (has,) = keys & {"x_test", "y_test"}
+                (lacks,) = {"x_test", "y_test"} - keys
+                raise UserError(f"{where}: has {has} but not {lacks}; a test part needs both")
             if {"x_test", "y_test"} <= keys:
                 test = (_npz_array(npz, "x_test", where), _npz_array(npz, "y_test", where))
                 _check_pair(where, "x_test", "y_test", *test)
@@ -247,6 +253,8 @@ def _read_npz(path: Path, data: DataSpec, seed: int = 0) -> Arrays:
                 for x_key, y_key, x, y in (("x_train", "y_train", parts[0], parts[1]),
                                            ("x_val", "y_val", parts[2], parts[3])):
                     _check_pair(where, x_key, y_key, x, y)
+                _check_same_images(where, [("x_train", parts[0]), ("x_val", parts[2])]
+                                   + ([("x_test", test[0])] if test else []))
                 if test is None and data.test_split:
                     raise UserError(f"[data] test_split: {where} is already split into train "
                                     "and validation; add x_test and y_test to it instead")
@@ -254,6 +262,7 @@ def _read_npz(path: Path, data: DataSpec, seed: int = 0) -> Arrays:
             if {"x", "y"} <= keys:
                 x, y = _npz_array(npz, "x", where), _npz_array(npz, "y", where)
                 _check_pair(where, "x", "y", x, y)
+                _check_same_images(where, [("x", x)] + ([("x_test", test[0])] if test else []))
                 return _split(x, y, data, seed, None, *(test or (None, None)))
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"{where}: not a readable .npz file ({_first_line(exc)}); write it "
@@ -275,6 +284,24 @@ def _npz_array(npz: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
     if array.dtype.kind not in "biuf":
         raise UserError(f"{where}: array {key} has dtype {array.dtype}; expected numbers")
     return array
+
+
+def _check_same_images(where: str, parts: list[tuple[str, np.ndarray]]) -> None:
+    """Every part holds images of one shape (a missing channel axis means 1 channel), with
+    pixels the model can be given: 0-255 or 0-1."""
+    def shape(x: np.ndarray) -> tuple[int, ...]:
+        return tuple(x.shape[1:]) + ((1,) if x.ndim == 3 else ())
+
+    first_key, first = parts[0]
+    for key, x in parts[1:]:
+        if len(x) and shape(x) != shape(first):
+            raise UserError(f"{where}: {key} holds images of shape {shape(x)} but {first_key} "
+                            f"of shape {shape(first)}; every part must have the same size and "
+                            "channels")
+    for key, x in parts:
+        if x.size and (float(x.max()) > 255 or float(x.min()) < 0):
+            raise UserError(f"{where}: {key} holds values from {x.min():g} to {x.max():g}; "
+                            "expected pixels 0-255 (divided by 255) or 0-1 (used as they are)")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -315,9 +342,18 @@ def _image_files(root: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path
 
 
 def _class_folders(root: Path, skip: str | None = None) -> dict[str, list[Path]]:
-    found = {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-             for d in sorted(root.iterdir()) if d.is_dir() and d.name != skip}
-    return {k: v for k, v in found.items() if v}
+    """Class i is the i-th folder in sorted order, as in Keras' image_dataset_from_directory;
+    a folder without images would shift every later class, so it is an error."""
+    found = {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES
+                            and not p.name.startswith("."))
+             for d in sorted(root.iterdir())
+             if d.is_dir() and d.name != skip and not d.name.startswith(".")}
+    empty = [name for name, files in found.items() if not files]
+    if empty:
+        raise UserError(f"[data] source images:{root}: folder {empty[0]}/ holds no images "
+                        f"({', '.join(sorted(_IMAGE_SUFFIXES))}) directly inside it; each "
+                        "class folder needs some, or remove it")
+    return found
 
 
 def _read_images(root: Path, data: DataSpec, seed: int) -> Arrays:
@@ -330,9 +366,13 @@ def _read_images(root: Path, data: DataSpec, seed: int) -> Arrays:
         xs, ys = [], []
         for name, files in folders.items():
             for f in files:
-                with Image.open(f) as img:
-                    img = img.convert("RGB").resize(data.image_size[::-1])
-                    xs.append(np.asarray(img, dtype=np.float32))
+                try:
+                    with Image.open(f) as img:
+                        img = img.convert("RGB").resize(data.image_size[::-1])
+                        xs.append(np.asarray(img, dtype=np.float32))
+                except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError too
+                    raise UserError(f"[data] source images:{root}: cannot read {f} "
+                                    f"({_first_line(exc)}); delete or fix it") from None
                 ys.append(labels[name])
         return np.stack(xs), np.asarray(ys)
 
@@ -342,6 +382,7 @@ def _read_images(root: Path, data: DataSpec, seed: int) -> Arrays:
 
 
 def _read_keras(name: str, data: DataSpec, seed: int) -> Arrays:
+    _check_test_split(data, True)  # Keras' datasets come with their test part
     import keras
 
     try:
