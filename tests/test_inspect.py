@@ -235,6 +235,15 @@ def test_importance_with_too_few_trials_says_so(tmp_path: Path, any_url: str) ->
     assert "Traceback" not in proc.stderr
 
 
+def test_a_curve_turns_up_only_where_it_rises() -> None:
+    from tuner.figures import turned_up_at
+
+    assert turned_up_at([0.3, 0.1, 0.2]) == 3
+    assert turned_up_at([0.3, 0.1, 0.1, 0.1]) is None  # a plateau at its lowest: still there
+    assert turned_up_at([0.3, 0.0, 0.0, 0.2]) == 4  # rose after the plateau
+    assert turned_up_at([0.3, 0.2, 0.1]) is None
+
+
 def test_what_the_commands_print_at_the_edges() -> None:
     """A loss column that stays four decimals, a study without knobs, one configuration
     confirmed, and a time budget spent while workers still run."""

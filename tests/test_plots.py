@@ -116,7 +116,7 @@ def test_best_draws_the_winners_curves(ran: str) -> None:
     assert {"trial", "val_loss", "gap", "train_loss", "best_epoch", "epochs_run", "params",
             "curve", "val_loss_turned_up_at"} <= set(summary)
     curve = summary["curve"]["val_loss"]
-    lowest = curve.index(min(curve)) + 1
+    lowest = max(i for i, v in enumerate(curve) if v == min(curve)) + 1
     assert summary["val_loss_turned_up_at"] == (None if lowest == len(curve) else lowest + 1)
 
 

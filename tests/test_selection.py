@@ -92,6 +92,10 @@ def test_confirmation_is_queued_once_however_many_ask(tmp_path: Path, pg_url: st
                       key=lambda t: t.value)[:2]
     assert sorted(t.system_attrs["tuner:confirms"] for t in queued) == sorted(
         [best_two[0].number] * 2 + [best_two[1].number] * 2)
+    # queued, none run yet: no winner is confirmed (each has only its search run)
+    early = json.loads(run_tuner("best", "--study", "conf", "--storage", pg_url,
+                                 "--json").stdout)["confirmed"]
+    assert early["winner"] is None and early["pending"] == 4
     # the workers run them next, to the end (never pruned), within the grown budget
     again = run_tuner("run", str(study), "--storage", pg_url)
     assert again.returncode == 0, again.stderr

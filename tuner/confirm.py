@@ -142,6 +142,13 @@ def ranking(study: optuna.Study) -> list[Configuration] | None:
     return sorted(configs.values(), key=lambda c: (c.val_loss_mean, c.trial))
 
 
+def winner(configs: list[Configuration]) -> Configuration | None:
+    """The best-ranked configuration that has at least one new run completed: before any, the
+    ranking is the search's own single runs, which is what the confirm step doubts."""
+    confirmed = [c for c in configs if len(c.runs) > 1]
+    return confirmed[0] if confirmed else None
+
+
 def is_confirmation(trial: optuna.Trial | FrozenTrial) -> bool:
     """Whether ``trial`` retrains a configuration for the confirm step (never pruned)."""
     return attrs.CONFIRMS in trial.system_attrs

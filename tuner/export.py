@@ -67,16 +67,15 @@ def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
 
 
 def _chosen_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    from tuner.confirm import ranking
+    from tuner.confirm import ranking, winner
 
     try:
         best = study.best_trial
     except ValueError:
         raise RuntimeFailure(f"study {study.study_name!r} has no completed trial yet: nothing "
                              "to export (see `tuner status`)") from None
-    ranked = [c for c in ranking(study) or [] if c.runs]
-    if not ranked:
+    confirmed = winner(ranking(study) or [])
+    if confirmed is None:
         return best
     runs = {t.number: t for t in study.get_trials(deepcopy=False)}
-    winner = ranked[0]
-    return min((runs[n] for n in winner.runs), key=lambda t: (t.value, t.number))
+    return min((runs[n] for n in confirmed.runs), key=lambda t: (t.value, t.number))

@@ -138,7 +138,8 @@ def turned_up_at(val_loss: list[float]) -> int | None:
     if the lowest is the last epoch (still falling: more epochs might help)."""
     if not val_loss:
         return None
-    lowest = min(range(len(val_loss)), key=lambda i: val_loss[i])
+    low = min(val_loss)
+    lowest = max(i for i, v in enumerate(val_loss) if v == low)  # a plateau did not turn up
     return lowest + 2 if lowest + 1 < len(val_loss) else None
 
 

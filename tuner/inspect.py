@@ -370,8 +370,8 @@ def _confirmed(study: optuna.Study) -> dict[str, Any] | None:
     if configs is None:
         return None
     request = study.user_attrs[attrs.CONFIRM]
-    ranked = [c for c in configs if c.val_losses]
+    best = confirm.winner(configs)
     return {"top": request["top"], "seeds": request["seeds"],
             "pending": sum(c.pending for c in configs),
-            "winner": ranked[0].as_dict() if ranked else None,
+            "winner": best.as_dict() if best is not None else None,
             "configs": [c.as_dict() for c in configs]}

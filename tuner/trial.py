@@ -174,8 +174,9 @@ class _EpochReporter(keras.callbacks.Callback):
         logs[TRAIN_LOSS] = _sample_loss(logs["val_" + POOLED], float(value), self.n_val,
                                        self.n_sample)
         self.curve["t"].append(round(time.perf_counter() - self.started, 2))
-        self.curve["train_loss"].append(round(logs[TRAIN_LOSS], 5))
-        self.curve["val_loss"].append(round(float(value), 5))
+        # 5 significant digits, not decimals: a loss near 0 must not read as a plateau at 0
+        self.curve["train_loss"].append(float(f"{logs[TRAIN_LOSS]:.5g}"))
+        self.curve["val_loss"].append(float(f"{float(value):.5g}"))
         self.recorder.epoch(epoch + 1, float(value), self.curve)
         if self.prune_from is not None and epoch + 1 >= self.prune_from \
                 and self.trial.should_prune():
