@@ -256,9 +256,13 @@ def test_what_the_commands_print_at_the_edges() -> None:
                "epochs_run": 5, "max_epochs": 5, "params": {},
                "test_worse_than_median": False}
     assert "  gap            -0.0003   val_loss" in render.best(summary)
-    fixed = {"importances": None, "note": "no knob to weigh", "best_trial": 0, "ranges": []}
-    assert render.importance(fixed).splitlines()[-1] == \
-        "Best trial #0: every knob is fixed in the study file, so no range to widen."
+    fixed = {"importances": {}, "best_trial": 0, "ranges": []}
+    assert render.importance(fixed).splitlines() == [
+        "Parameter importances: every knob is fixed in the study file, so none to weigh",
+        "Best trial #0: every knob is fixed in the study file, so no range to widen."]
+    spent = render.no_completed_trial("s", "export", ["PRUNED", "FAIL", "PRUNED"])
+    assert "nothing to export; its 2 trials pruned and 1 failed are all it ran" in spent
+    assert "wait for a worker" in render.no_completed_trial("s", "show", ["FAIL", "RUNNING"])
     one = render.confirm_queued("s", Queued(1, 2, [4], 2, new=True))
     assert "the best configuration (trial #4), 2 new seeds each" in one
     spent = Budget(seconds=15, clock_started=1000.0).progress(Usage(), now=1026.0)

@@ -145,7 +145,8 @@ def plot(opts: argparse.Namespace, out: TextIO) -> int:
     study, _ = studies.load(opts.study, open_storage(_existing_url(opts), heartbeat=False))
     facts = figures.gather(study, opts.top)
     if facts is None:
-        raise RuntimeFailure(render.plot_no_completed(opts.study))
+        raise RuntimeFailure(render.no_completed_trial(opts.study, "plot", [
+            t.state.name for t in study.get_trials(deepcopy=False)]))
     figures.write(facts, dest)
     _say(out, render.plot_written(str(dest), opts.study, len(facts.curves), facts.complete))
     return ExitCode.OK

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from tuner import attrs
+from tuner import attrs, render
 from tuner.errors import RuntimeFailure, UserError
 from tuner.settings import artifacts_dir
 
@@ -72,8 +72,8 @@ def _chosen_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     try:
         best = study.best_trial
     except ValueError:
-        raise RuntimeFailure(f"study {study.study_name!r} has no completed trial yet: nothing "
-                             "to export (see `tuner status`)") from None
+        raise RuntimeFailure(render.no_completed_trial(study.study_name, "export", [
+            t.state.name for t in study.get_trials(deepcopy=False)])) from None
     confirmed = winner(ranking(study) or [])
     if confirmed is None:
         return best

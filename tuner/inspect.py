@@ -18,7 +18,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner import attrs, confirm, optuna_sql
+from tuner import attrs, confirm, optuna_sql, render
 from tuner import study as studies
 from tuner.budget import Budget, Usage, confirm_runs
 from tuner.errors import RuntimeFailure, UserError
@@ -330,8 +330,8 @@ def best_summary(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
     try:
         best = study.best_trial
     except ValueError:
-        raise RuntimeFailure(f"study {study.study_name!r} has no completed trial yet; "
-                             "wait for a worker to finish one (see `tuner status`)") from None
+        raise RuntimeFailure(render.no_completed_trial(study.study_name, "show", [
+            t.state.name for t in study.get_trials(deepcopy=False)])) from None
     a = best.user_attrs
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     tests = [t.user_attrs[attrs.TEST_LOSS] for t in complete if attrs.TEST_LOSS in t.user_attrs]

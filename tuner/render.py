@@ -357,6 +357,9 @@ def importance(report: dict[str, Any]) -> str:
     lines = []
     if report["importances"] is None:
         lines.append(f"Parameter importances: {report['note']}")
+    elif not report["importances"]:
+        lines.append("Parameter importances: every knob is fixed in the study file, so none "
+                     "to weigh")
     else:
         lines.append(f"Parameter importances of study {report['study']!r} "
                      f"(fANOVA over {report['complete_trials']} completed trials)")
@@ -493,6 +496,17 @@ def plot_cannot_write(path: str, why: str) -> str:
     return f"cannot write {path}: {why}"
 
 
-def plot_no_completed(study: str) -> str:
-    return (f"study {study!r} has no completed trial yet: nothing to plot; wait for a worker "
-            "to finish one (see `tuner status`)")
+def no_completed_trial(study: str, what: str, states: list[str]) -> str:
+    """Why there is nothing to show or export, and what to do about it: wait, start a
+    worker, or (every trial pruned or failed and none left) look at why and run more."""
+    if "RUNNING" in states or "WAITING" in states:
+        return (f"study {study!r} has no completed trial yet: nothing to {what}; wait for a "
+                "worker to finish one (see `tuner status`)")
+    if not states:
+        return (f"study {study!r} has no completed trial yet: nothing to {what}; start a "
+                f"worker (`tuner worker --study {study}`)")
+    pruned, failed = states.count("PRUNED"), states.count("FAIL")
+    return (f"study {study!r} has no completed trial: nothing to {what}; its "
+            f"{_count(pruned, 'trial')} pruned and {failed} failed are all it ran (`tuner "
+            "trials` shows why); raise n_trials in the study file and run `tuner create` "
+            "again to run more")
