@@ -80,8 +80,10 @@ def npz_study(tmp_path: Path, **arrays: np.ndarray) -> Path:
      "has x_test but not y_test; a test part needs both"),
     ({"x": np.full((4, 8, 8), 4000, dtype=np.uint16), "y": np.zeros(4, dtype=int)},
      "x holds values from 4000 to 4000; expected pixels 0-255"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.arange(4) % 2, "x_test": np.zeros((2, 8, 8)),
+      "y_test": np.array([1, 2])}, "y_test has labels [2] that no training"),
 ], ids=["missing", "no arrays", "x/y mismatch", "val mismatch", "not images", "val shape",
-        "test shape", "x_test alone", "16-bit pixels"])
+        "test shape", "x_test alone", "16-bit pixels", "unseen test label"])
 def test_bad_npz_source(tmp_path: Path, arrays: dict, needle: str) -> None:
     path = npz_study(tmp_path, **arrays)
     result = cli("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")

@@ -213,7 +213,7 @@ def test_export_path_not_writable(ran: Ran, tmp_path: Path) -> None:
         locked.chmod(0o700)
     proc = run_tuner("best", "--study", "export", "--storage", ran.url,
                      "--export-model", str(tmp_path / "best.h5"))
-    assert "must end in .keras" in _one_line_error(proc, 2)
+    assert "give a file name ending in .keras" in _one_line_error(proc, 2)
 
 
 def test_missing_artifact_says_where_it_looked(ran: Ran, tmp_path: Path) -> None:

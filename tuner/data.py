@@ -255,6 +255,7 @@ def _read_npz(path: Path, data: DataSpec, seed: int = 0) -> Arrays:
                     _check_pair(where, x_key, y_key, x, y)
                 _check_same_images(where, [("x_train", parts[0]), ("x_val", parts[2])]
                                    + ([("x_test", test[0])] if test else []))
+                _check_test_labels(where, test, parts[1], parts[3])
                 if test is None and data.test_split:
                     raise UserError(f"[data] test_split: {where} is already split into train "
                                     "and validation; add x_test and y_test to it instead")
@@ -263,6 +264,7 @@ def _read_npz(path: Path, data: DataSpec, seed: int = 0) -> Arrays:
                 x, y = _npz_array(npz, "x", where), _npz_array(npz, "y", where)
                 _check_pair(where, "x", "y", x, y)
                 _check_same_images(where, [("x", x)] + ([("x_test", test[0])] if test else []))
+                _check_test_labels(where, test, y)
                 return _split(x, y, data, seed, None, *(test or (None, None)))
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"{where}: not a readable .npz file ({_first_line(exc)}); write it "
@@ -282,7 +284,8 @@ def _npz_array(npz: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
                             "labels)") from None
         raise
     if array.dtype.kind not in "biuf":
-        raise UserError(f"{where}: array {key} has dtype {array.dtype}; expected numbers")
+        raise UserError(f"{where}: array {key} has dtype {array.dtype}; expected numbers "
+                        "(class names: number them 0..k-1)")
     return array
 
 
@@ -302,6 +305,18 @@ def _check_same_images(where: str, parts: list[tuple[str, np.ndarray]]) -> None:
         if x.size and (float(x.max()) > 255 or float(x.min()) < 0):
             raise UserError(f"{where}: {key} holds values from {x.min():g} to {x.max():g}; "
                             "expected pixels 0-255 (divided by 255) or 0-1 (used as they are)")
+
+
+def _check_test_labels(where: str, test: tuple[np.ndarray, np.ndarray] | None,
+                       *labelled: np.ndarray) -> None:
+    """A test label that no other image has names a class the model never saw."""
+    if test is None:
+        return
+    seen = set(np.concatenate([np.asarray(y).reshape(-1) for y in labelled]).tolist())
+    unseen = sorted(set(np.asarray(test[1]).reshape(-1).tolist()) - seen)
+    if unseen:
+        raise UserError(f"{where}: y_test has labels {unseen[:5]} that no training or "
+                        "validation image has; the test part must use the same classes")
 
 
 def _first_line(exc: BaseException) -> str:

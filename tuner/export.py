@@ -32,8 +32,8 @@ def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
     if dest.is_dir():
         dest = dest / f"{study.study_name}-trial{best.number}.keras"
     if dest.suffix != ".keras":
-        raise UserError(f"--export-model {path}: the file name must end in .keras (Keras "
-                        "reads the format from the extension)")
+        raise UserError(f"--export-model {path}: give a file name ending in .keras (Keras "
+                        "reads the format from the extension) or a folder that exists")
     artifact_id = best.user_attrs.get(attrs.MODEL_ARTIFACT)
     if not artifact_id and (study.user_attrs.get(attrs.SPEC) or {}).get("keep_models") == 0:
         raise UserError(f"study {study.study_name!r} keeps no models ([study] keep_models = 0):"

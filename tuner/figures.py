@@ -249,6 +249,9 @@ def write(facts: Facts, path: str | os.PathLike[str]) -> Path:
 def check_extension(path: Path) -> str:
     """``.html`` or ``.png``, or a one-line :class:`UserError` that says which exist."""
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise UserError(f"-o {path} is a folder: give a file name ending in "
+                        f"{' or '.join(EXTENSIONS)}")
     if suffix not in EXTENSIONS:
         raise UserError(render.plot_bad_extension(str(path), EXTENSIONS))
     return suffix

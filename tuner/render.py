@@ -46,7 +46,7 @@ def number(value: float | None, places: int = 4) -> str:
 
 def _loss(value: float | None) -> str:
     """A loss or an accuracy: always 4 decimals, so that a column of them lines up."""
-    return "-" if value is None else f"{value:.4f}"
+    return "-" if value is None else f"{value:.4f}".replace("-0.0000", "0.0000")
 
 
 def _count(n: int, noun: str) -> str:
