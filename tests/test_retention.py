@@ -109,23 +109,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_worker_stopped_while_saving_leaves_no_model_behind(tmp_path: Path,
-                                                              pg_url: str) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "kill -9"])
+def test_a_worker_stopped_while_saving_leaves_no_model_behind(tmp_path: Path, pg_url: str,
+                                                              stop: signal.Signals) -> None:
     """The model of a trial whose worker stops between saving it and telling the result is
-    deleted with its failed trial, and its queued rerun does not name it: the K hold on
-    preemptible nodes too."""
+    deleted with its failed trial (by the worker itself on SIGTERM; on kill -9, by another
+    worker), and its queued rerun does not name it: the K hold on preemptible nodes too."""
     artifacts = tmp_path / "models"
     study = write_study(tmp_path, "stop", n_trials=2, epochs=1, extra_study="keep_models = 1")
     cmd = [sys.executable, "-c", _STOPPED_WHILE_SAVING, "run", str(study), "--storage", pg_url,
            "--artifacts", str(artifacts)]
+    fast = {"TUNER_HEARTBEAT_INTERVAL": "1", "TUNER_GRACE_PERIOD": "3"}  # the dead found soon
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **fast})
     assert proc.stdout is not None
     saved = next((line.split()[1] for line in proc.stdout if line.startswith("SAVED")), None)
     assert saved is not None and (artifacts / saved).is_file()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
-    again = run_tuner("run", str(study), "--storage", pg_url, "--artifacts", str(artifacts))
+    proc.send_signal(stop)
+    assert proc.wait(timeout=60) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+    again = run_tuner("run", str(study), "--storage", pg_url, "--artifacts", str(artifacts),
+                      env={**os.environ, **fast})
     assert again.returncode == 0, again.stderr
     trials = _trials(pg_url, "stop")
     stopped = trials[0]

@@ -158,12 +158,36 @@ def test_a_confirm_killed_halfway_is_finished_by_the_next(pg_url: str) -> None:
     assert verdict.decision is Decision.TAKE  # the queued run, not a new search trial
     assert attrs.CONFIRMS in storage.get_trial(taken).system_attrs
     finished = queue(study, storage, top=2, seeds=2)
-    assert finished.new and finished.trials == 4
+    assert finished.new and (finished.trials, finished.added) == (4, 3)
     runs = [t.system_attrs[attrs.CONFIRMS] for t in study.get_trials()
             if attrs.CONFIRMS in t.system_attrs]
     assert sorted(runs) == [1, 1, 2, 2]
     assert claimer.state()[1].n_trials == 8
     assert not queue(study, storage, top=2, seeds=2).new  # complete now: nothing more
+
+
+def test_the_confirmed_winner_is_exported_from_a_run_that_kept_its_model(
+        tmp_path: Path) -> None:
+    """The winning configuration's search trial may have the lowest loss of its runs but
+    have lost its model to the best K; a confirm run (which always keeps its model) is
+    exported instead of an error."""
+    from tuner import attrs
+    from tuner.export import export_best_model
+
+    store = tmp_path / "models"
+    store.mkdir()
+    (store / "run-2").write_bytes(b"a model")
+    study = optuna.create_study(study_name="won", storage=f"sqlite:///{tmp_path / 't.db'}")
+    study.set_user_attr(attrs.CONFIRM, {"top": 2, "seeds": 1, "configs": [0, 1], "trials": 2})
+    x = optuna.distributions.FloatDistribution(0, 1)
+    for value, params, model, confirms in ((0.10, 0.1, None, None), (0.12, 0.2, "kept", None),
+                                           (0.11, 0.1, "run-2", 0), (0.30, 0.2, "run-3", 1)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": params}, distributions={"x": x}, value=value,
+            user_attrs={attrs.MODEL_ARTIFACT: model},
+            system_attrs={} if confirms is None else {attrs.CONFIRMS: confirms}))
+    exported = export_best_model(study, tmp_path / "best.keras", str(store))
+    assert exported.read_bytes() == b"a model"  # run #2 of configuration #0, not #0 itself
 
 
 @pytest.mark.slow

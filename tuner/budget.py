@@ -61,6 +61,7 @@ from tuner.storage import retry_interval, retry_on_disconnect
 
 MAX_RETRY = 3  # times the parameters of a trial whose worker died are run again
 POLL_SECONDS = 2.0  # how often a waiting worker asks again
+DEAD = "its worker stopped beating for the grace period (killed, or cut off from the database)"
 LOST_LOCK = "created after its worker lost the budget lock (database connection); not run"
 
 
@@ -451,6 +452,8 @@ class Claimer:
                 return
         except optuna.exceptions.UpdateFinishedTrialError:
             return  # finished, or another worker was faster
+        with self.storage.engine.begin() as conn:  # on a finished trial, Optuna's API refuses
+            optuna_sql.set_trial_user_attrs(conn, trial_id, {attrs.FAIL_REASON: DEAD})
         self._requeue(self.storage.get_trial(trial_id), counts_as_retry=True)
 
     def _may_judge_others(self) -> bool:

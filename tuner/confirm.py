@@ -37,7 +37,12 @@ class Queued:
     seeds: int
     configs: list[int]
     trials: int
-    new: bool  # queued by this call, rather than found queued already
+    added: int = 0  # runs queued by this call (the missing ones, after a call stopped halfway)
+
+    @property
+    def new(self) -> bool:
+        """Whether this call queued runs, rather than finding them queued already."""
+        return self.added > 0
 
 
 def queue(study: optuna.Study, storage: RDBStorage, top: int, seeds: int) -> Queued:
@@ -72,7 +77,7 @@ def queue(study: optuna.Study, storage: RDBStorage, top: int, seeds: int) -> Que
                     system_attrs={attrs.CONFIRMS: number}))
                 added += 1
     return Queued(request["top"], request["seeds"], request["configs"], request["trials"],
-                  new=added > 0)
+                  added)
 
 
 def _best_configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:

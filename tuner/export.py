@@ -24,8 +24,8 @@ def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
     """Write the winner's saved model to ``path`` (a ``.keras`` file or a directory).
 
     The winner is the best trial or, once a confirm step has run, the run with the lowest
-    validation loss of the confirmed winning configuration. An existing file is replaced
-    atomically; a half-written file is never left behind.
+    validation loss, among those whose model is kept, of the confirmed winning configuration.
+    An existing file is replaced atomically; a half-written file is never left behind.
     """
     best = _chosen_trial(study)
     dest = Path(path).expanduser()
@@ -78,4 +78,7 @@ def _chosen_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     if confirmed is None:
         return best
     runs = {t.number: t for t in study.get_trials(deepcopy=False)}
-    return min((runs[n] for n in confirmed.runs), key=lambda t: (t.value, t.number))
+    # its search trial's model may have fallen out of the best K; the confirm runs keep theirs
+    candidates = [runs[n] for n in confirmed.runs]
+    kept = [t for t in candidates if t.user_attrs.get(attrs.MODEL_ARTIFACT)]
+    return min(kept or candidates, key=lambda t: (t.value, t.number))

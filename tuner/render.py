@@ -155,8 +155,8 @@ def confirm_queued(study: str, q: Queued) -> str:
                 f"were queued before ({q.seeds} seeds each); `tuner best` ranks them.")
     top = "the best configuration (trial" if len(q.configs) == 1 else \
         f"the top {len(q.configs)} configurations (trials"
-    return (f"Queued {q.trials} runs in study {study!r}: {top} {configs}), {seeds}. The "
-            f"study's budget grew by {q.trials}; workers run them next (start one with "
+    return (f"Queued {q.added} runs in study {study!r}: {top} {configs}), {seeds}. The "
+            f"study's budget grew by {q.added}; workers run them next (start one with "
             f"`tuner worker --study {study}` if none is running), then `tuner best` ranks "
             "them.")
 

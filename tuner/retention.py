@@ -61,13 +61,37 @@ class Retention:
                      in retry_on_disconnect(storage, self._kept)[self.keep:]]
             extra += retry_on_disconnect(storage, self._failed)
             for trial_id, artifact_id in extra:
-                try:
-                    self.store.remove(artifact_id)
-                except ArtifactNotFound:
-                    pass  # deleted by hand, or by another worker a moment ago
-                with storage.engine.begin() as conn:
-                    optuna_sql.forget_model(conn, trial_id, attrs.MODEL_ARTIFACT, artifact_id)
+                self._delete(trial_id, artifact_id)
         return len(extra)
+
+    def drop(self, trial_id: int, artifact_id: str | None) -> None:
+        """Delete the model this worker's trial recorded, when the trial then did not complete
+        (stopped, failed, or judged dead while this worker stalled): the file may have been
+        written after another worker's :meth:`prune` cleared the record."""
+        if artifact_id:
+            self._delete(trial_id, artifact_id)
+
+    def clear_failed(self) -> int:
+        """Delete the models of failed trials (a worker killed between recording a model and
+        its tell); a worker does this when it stops, so the last one leaves none behind."""
+        if self.keep is None:
+            return 0
+        failed = retry_on_disconnect(self.claimer.storage, self._failed)
+        for trial_id, artifact_id in failed:
+            self._delete(trial_id, artifact_id)
+        return len(failed)
+
+    def _delete(self, trial_id: int, artifact_id: str) -> None:
+        try:
+            self.store.remove(artifact_id)
+        except ArtifactNotFound:
+            pass  # deleted by hand, by another worker a moment ago, or never written
+
+        def forget() -> None:
+            with self.claimer.storage.engine.begin() as conn:
+                optuna_sql.forget_model(conn, trial_id, attrs.MODEL_ARTIFACT, artifact_id)
+
+        retry_on_disconnect(self.claimer.storage, forget)
 
     def _failed(self) -> list[tuple[int, str]]:
         """Models recorded by trials that then failed (stopped, or judged dead, before the

@@ -147,6 +147,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
             except _TimedOut:
                 return Summary(ran, f"reached --timeout {timeout:g}s")
             if not isinstance(claimed, Claimed):
+                retention.clear_failed()  # models of trials whose workers were killed
                 return Summary(ran, claimed.reason)
             trial = claimed.trial
             confirming = claimed.confirms is not None  # a confirm run: to the end, model kept
@@ -157,6 +158,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
             reason = ""
             limit = _TimeLimit(claimed.timeout)
             recorder = SqlRecorder(trial, storage, claimed.trial_id)
+            completed = False  # told COMPLETE: its model stays (retention decides)
             with _Heartbeat(storage, claimed, claimer.sweep, hung_exit):
                 try:
                     try:
@@ -172,6 +174,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                         signals.disarm()
                         recorder.close()
                     frozen = claimer.tell(trial, result.val_loss)
+                    completed = True
                     retention.prune()
                     failures_in_a_row = 0
                 except optuna.TrialPruned:
@@ -179,17 +182,20 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                     failures_in_a_row = 0
                 except Interrupted:
                     claimer.give_back(trial)
+                    _drop_model(retention, claimed, completed)
                     raise
                 except optuna.exceptions.UpdateFinishedTrialError:
                     # Declared dead by another worker (a database outage longer than the grace
                     # period stops heartbeats): its parameters are already queued again.
                     _log.warning("trial %d was failed by another worker while this one was "
                                  "unreachable; its parameters are queued again", trial.number)
+                    _drop_model(retention, claimed, completed)
                     continue
                 except (Exception, TrialTimedOut) as exc:  # noqa: BLE001 - recorded, not fatal
                     if signals.received is not None:
                         # The interrupt landed where a library turned it into another error.
                         claimer.give_back(trial)
+                        _drop_model(retention, claimed, completed)
                         raise Interrupted(signals.received) from None
                     if limit.fired:
                         reason = _timed_out_reason(claimed.timeout)
@@ -202,6 +208,8 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                         frozen = claimer.tell(trial, state=TrialState.FAIL)
                     except optuna.exceptions.UpdateFinishedTrialError:
                         continue
+                    finally:
+                        _drop_model(retention, claimed, completed)
                     failures_in_a_row += 1
             if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED):
                 figures.after_trial()
@@ -340,6 +348,12 @@ class SqlRecorder:
                 "dead")
         except Exception as exc:  # noqa: BLE001 - raised in the training thread instead
             return exc
+
+
+def _drop_model(retention: Retention, claimed: Claimed, completed: bool) -> None:
+    """The model of a trial that did not complete goes (:meth:`Retention.drop`)."""
+    if not completed:
+        retention.drop(claimed.trial_id, claimed.trial.user_attrs.get(attrs.MODEL_ARTIFACT))
 
 
 def _failed_attrs(trial: optuna.Trial, reason: str, seconds: float) -> dict[str, Any]:
