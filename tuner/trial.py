@@ -174,14 +174,19 @@ class _EpochReporter(keras.callbacks.Callback):
         logs[TRAIN_LOSS] = _sample_loss(logs["val_" + POOLED], float(value), self.n_val,
                                        self.n_sample)
         self.curve["t"].append(round(time.perf_counter() - self.started, 2))
-        # 5 significant digits, not decimals: a loss near 0 must not read as a plateau at 0
-        self.curve["train_loss"].append(float(f"{logs[TRAIN_LOSS]:.5g}"))
-        self.curve["val_loss"].append(float(f"{float(value):.5g}"))
+        self.curve["train_loss"].append(_curve_point(logs[TRAIN_LOSS]))
+        self.curve["val_loss"].append(_curve_point(float(value)))
         self.recorder.epoch(epoch + 1, float(value), self.curve)
         if self.prune_from is not None and epoch + 1 >= self.prune_from \
                 and self.trial.should_prune():
             self.pruned_at = epoch + 1
             self.model.stop_training = True
+
+
+def _curve_point(loss: float) -> float:
+    """5 decimals, or 5 significant digits below 0.001: a loss near 0 must not read as a
+    plateau at 0 (the curve is rewritten every epoch, so it is kept short)."""
+    return round(loss, 5) if abs(loss) >= 1e-3 else float(f"{loss:.5g}")
 
 
 class _BestWeights(keras.callbacks.Callback):
