@@ -361,6 +361,30 @@ def test_a_state_change_retried_after_a_dropped_connection(
     assert dropped and storage.get_trial(trial_id).state == meanwhile
 
 
+def test_a_trial_queued_again_after_the_lock_was_lost_does_not_outlive_the_budget(
+        pg_url: str) -> None:
+    """A claim's sweep queues a dead trial's parameters again as the server ends its lock
+    session; another worker, seeing no queued trial yet, creates one for the only slot. The
+    queued trial would wait for ever past the budget: it is failed instead (found by the
+    model below)."""
+    storage = _storage(pg_url)
+    study = _new_study(storage, 1)
+    dead = Claimer(study, storage).claim()
+    _age_heartbeat(storage, dead.trial_id)
+    other_storage = _storage(pg_url)
+    other = Claimer(optuna.load_study(study_name=study.study_name, storage=other_storage),
+                    other_storage)
+    storage.meanwhile = other.claim  # runs as the sweep queues the dead trial again
+
+    def gives_up(seconds: float) -> None:
+        raise _Died
+
+    with pytest.raises(_Died):
+        Claimer(study, storage).claim(wait=gives_up)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(TrialState.RUNNING) == 1 and TrialState.WAITING not in states, states
+
+
 # --- the never-beat check does not read the worker's local clock --------------------------------
 
 
@@ -528,36 +552,6 @@ class ClaimPath(RuleBasedStateMachine):
         finally:
             self.storage.die_before_heartbeat = False
         self.claimers[w] = Claimer(self.claimers[w].study, self.storage, clock=self.clock)
-
-    @rule(w=st.integers(0, WORKERS - 1), v=st.integers(0, WORKERS - 1))
-    def claim_while_the_lock_is_lost(self, w: int, v: int) -> None:
-        """The server ends w's lock session as w creates a trial; v claims meanwhile."""
-        if w == v or w in self.held or v in self.held:
-            return
-        self.beat()
-        taken: list[int] = []
-
-        def meanwhile() -> None:
-            trial_id = self.claimers[v].claim_once()[1]
-            if trial_id is not None:
-                taken.append(trial_id)
-
-        def gives_up(seconds: float) -> None:
-            raise _Died
-
-        self.storage.meanwhile = meanwhile
-        try:
-            claimed = self.claimers[w].claim(wait=gives_up)
-        except _Died:
-            claimed = None
-        finally:
-            self.storage.meanwhile = None
-        self.steps += 1
-        for who, trial_id in ((v, taken[0] if taken else None),
-                              (w, claimed.trial_id if isinstance(claimed, Claimed) else None)):
-            if trial_id is not None:
-                self.held[who] = (self.claimers[who]._trial(trial_id), trial_id)
-                self.held[who][0].suggest_float("x", 0.0, 1.0)
 
     @rule(n_trials=st.integers(1, 10))
     def change_budget(self, n_trials: int) -> None:

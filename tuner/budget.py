@@ -194,6 +194,7 @@ class Claimer:
         self._last_sweep = -math.inf
         self._silent_since: dict[int, float] = {}
         self._sweep_lock = threading.Lock()  # the heartbeat thread sweeps too
+        self._queued_now: list[int] = []  # trials the current claim's sweep queued again
 
     @property
     def study_id(self) -> int:
@@ -233,7 +234,9 @@ class Claimer:
             try:
                 verdict, trial_id, budget = retry_on_disconnect(self.storage, self._claim_once)
             except _CreatedWithoutLock as lost:
-                self._discard(lost.trial_id)
+                if lost.trial_id is not None:
+                    self._discard(lost.trial_id)
+                self._trim_queue(lost.queued)
                 continue  # decide again, under the lock
             if trial_id is not None:
                 trial = retry_on_disconnect(self.storage, lambda i=trial_id: self._trial(i))
@@ -256,6 +259,7 @@ class Claimer:
         verdict: Verdict | None = None
         budget = Budget()
         trial_id = created = None
+        self._queued_now = []
         try:
             with budget_lock(self.storage, self.study.study_name, strict=True):
                 if self._sweep_due():
@@ -275,21 +279,40 @@ class Claimer:
                     if budget.seconds is not None and budget.clock_started is None:
                         self.study.set_user_attr(attrs.CLOCK_STARTED, time.time())
         except LockLost:
-            if created is not None:
-                raise _CreatedWithoutLock(created) from None
+            if created is not None or self._queued_now:
+                raise _CreatedWithoutLock(created, self._queued_now) from None
             if verdict is None:
                 raise
         assert verdict is not None  # the lock's exit raises only after the body ran
         return verdict, trial_id, budget
 
     def _discard(self, trial_id: int) -> None:
-        """Fail a trial created without the lock, before anything ran (not queued again)."""
+        """Fail a trial created or queued without the lock, before anything ran (not queued
+        again)."""
         def discard() -> None:
             self.storage.set_trial_user_attr(trial_id, attrs.FAIL_REASON, LOST_LOCK)
             self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
 
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             retry_on_disconnect(self.storage, discard)
+
+    def _trim_queue(self, queued: list[int]) -> None:
+        """Of the trials a sweep queued again without the lock, fail those still waiting
+        beyond the budget: another worker may have filled the slot meanwhile, and a queued
+        trial past the budget would wait for ever."""
+        if not queued:
+            return
+        with budget_lock(self.storage, self.study.study_name):
+            usage, budget = self.state()
+            if budget.n_trials is None:
+                return
+            excess = usage.finished + usage.running + usage.waiting - budget.n_trials
+            for trial_id in queued:
+                if excess <= 0:
+                    break
+                if self.storage.get_trial(trial_id).state == TrialState.WAITING:
+                    self._discard(trial_id)
+                    excess -= 1
 
     def _trial(self, trial_id: int) -> optuna.Trial:
         """What ``Study.ask`` does once it has a trial id: drop the cached history."""
@@ -386,9 +409,11 @@ class Claimer:
                 return False
         system.setdefault("failed_trial", failed.number)
         system["retry_history"] = history
-        self.study.add_trial(optuna.trial.create_trial(
-            state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
-            system_attrs=system))
+        queued = self.study._storage.create_new_trial(  # Study.add_trial, with its id
+            self.study_id, template_trial=optuna.trial.create_trial(
+                state=TrialState.WAITING, params=failed.params,
+                distributions=failed.distributions, system_attrs=system))
+        self._queued_now.append(queued)
         return True
 
     # --- dead trials ------------------------------------------------------------------------
@@ -506,9 +531,11 @@ def grace_period(storage: RDBStorage) -> float:
 
 
 class _CreatedWithoutLock(Exception):
-    def __init__(self, trial_id: int) -> None:
-        super().__init__(trial_id)
-        self.trial_id = trial_id
+    """A claim's lock was lost after it created a trial or queued some again."""
+
+    def __init__(self, trial_id: int | None, queued: list[int]) -> None:
+        super().__init__(trial_id, queued)
+        self.trial_id, self.queued = trial_id, queued
 
 
 class LockLost(Exception):
