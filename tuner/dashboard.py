@@ -104,12 +104,16 @@ def run_dashboard(url: str, out: TextIO, host: str = "127.0.0.1", port: int = 80
             exc.errno == errno.EADDRNOTAVAIL else "pick another --port"
         raise RuntimeFailure(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
                              f"({hint})") from None
-    shown = f"[{host}]" if ":" in host else host
-    print(render.dashboard_started(mask(url), f"http://{shown}:{server.server_port}/dashboard",
-                                   [str(d) for d in directories], host), file=out, flush=True)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_serving)  # a service manager stops it as Ctrl-C
+        # a service manager stops it as Ctrl-C; set before the address is printed, which is
+        # when whoever started it may stop it
+        signal.signal(signal.SIGTERM, _stop_serving)
+    shown = f"[{host}]" if ":" in host else host
     try:
+        print(render.dashboard_started(mask(url),
+                                       f"http://{shown}:{server.server_port}/dashboard",
+                                       [str(d) for d in directories], host),
+              file=out, flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         print("Dashboard stopped.", file=out, flush=True)
