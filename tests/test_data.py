@@ -170,6 +170,20 @@ def test_limit_keeps_every_class_of_a_class_sorted_source(tmp_path: Path) -> Non
     np.testing.assert_array_equal(arrays.y_train, again.y_train)  # seeded
 
 
+def test_limit_is_the_number_of_images_kept_even_when_every_part_rounds_up(
+        tmp_path: Path) -> None:
+    """Parts of 67, 67 and 66 images at limit = 100 are 33.5, 33.5 and 33 images each:
+    rounding each part alone keeps 101."""
+    path = tmp_path / "three.npz"
+    y = np.arange(200) % 2
+    x = np.ones((200, 4, 4), np.float32)
+    np.savez(path, x_train=x[:67], y_train=y[:67], x_val=x[67:134], y_val=y[67:134],
+             x_test=x[134:], y_test=y[134:])
+    arrays = load_arrays(DataSpec(source=f"npz:{path}", limit=100), seed=0)
+    sizes = [len(arrays.y_train), len(arrays.y_val), len(arrays.y_test)]
+    assert sum(sizes) == 100 and sorted(sizes) == [33, 33, 34]
+
+
 def test_pipelines_hold_a_fixed_training_sample_as_large_as_validation() -> None:
     arrays = load_arrays(DataSpec(source="digits", limit=200))
     datasets = make_datasets(arrays, batch_size=16)

@@ -183,10 +183,25 @@ def _limit(arrays: Arrays, limit: int, seed: int) -> Arrays:
         return arrays
     rng = np.random.default_rng([seed, 2])
     cut = {}
-    for name, x, y in parts:
-        keep = _stratified(y, max(1, round(limit * len(y) / total)), rng)
+    sizes = _apportion(limit, [len(y) for _, _, y in parts])
+    for (name, x, y), n in zip(parts, sizes, strict=True):
+        keep = _stratified(y, n, rng)
         cut[f"x_{name}"], cut[f"y_{name}"] = x[keep], y[keep]
     return replace(arrays, **cut)
+
+
+def _apportion(limit: int, sizes: list[int]) -> list[int]:
+    """``limit`` split over parts of ``sizes`` in proportion, by largest remainders, so the
+    parts add up to ``limit`` exactly (rounding each part alone can go one over); every part
+    keeps at least one image."""
+    total = sum(sizes)
+    quotas = [limit * size / total for size in sizes]
+    take = [max(1, int(q)) for q in quotas]
+    for i in sorted(range(len(sizes)), key=lambda i: take[i] - quotas[i]):
+        if sum(take) >= limit:
+            break
+        take[i] += 1
+    return take
 
 
 def _stratified(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
