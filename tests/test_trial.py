@@ -109,6 +109,32 @@ def test_the_model_ends_with_the_weights_of_its_best_epoch_not_its_last(arrays) 
         np.testing.assert_array_equal(restored.numpy(), best)
 
 
+def test_models_trained_one_after_another_each_end_with_their_own_best_weights(arrays) -> None:
+    """The copies are shared by every model of the same shapes in a process: the second
+    model's epochs must not reach the first's restored weights, and a model that never
+    improved (pruned, or NaN from the start) is not given the previous model's best."""
+    def train(model, values: list[float], seed: int) -> list[list[np.ndarray]]:
+        keeper, seen = _BestWeights(), []
+        keeper.set_model(model)
+        for epoch, value in enumerate(values):
+            for weight in model.weights:
+                weight.assign(np.random.default_rng([seed, epoch]).normal(size=weight.shape))
+            seen.append([w.numpy().copy() for w in model.weights])
+            keeper.on_epoch_end(epoch, {MONITOR: value})
+        keeper.on_train_end()
+        return seen
+
+    first, second, third = (build_model(hp_for(arrays, l2=0.0), spec_for({}))
+                            for _ in range(3))
+    seen_first = train(first, [0.5, 0.9], seed=1)
+    seen_second = train(second, [0.9, 0.4, 0.8], seed=2)
+    seen_third = train(third, [float("nan")], seed=3)
+    for model, best in ((first, seen_first[0]), (second, seen_second[1]),
+                        (third, seen_third[0])):
+        for restored, expected in zip(model.weights, best, strict=True):
+            np.testing.assert_array_equal(restored.numpy(), expected)
+
+
 def test_a_completed_trial_is_scored_once_on_the_test_split() -> None:
     spec = parse_spec({"study": {"name": "t", "seed": 0},
                        "data": {"source": "digits", "limit": 300, "test_split": 0.2},

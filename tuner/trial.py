@@ -193,8 +193,11 @@ class _BestWeights(keras.callbacks.Callback):
     """Keeps the best epoch's weights (by ``MONITOR``) and puts them back when fit ends.
 
     Keras' ``EarlyStopping(restore_best_weights=True)`` copies every weight to host memory at
-    each improvement, across the bus on a GPU; here the copies are variables beside the
-    originals, on the same device, updated in place, and dropped once restored.
+    each improvement, across the bus on a GPU; here the copies stay on the model's device.
+    Every trial of a study has the same weight shapes, so the copies are made once per process
+    and shape (:func:`_copies_for`) and written by one traced function (:func:`_copy_all`):
+    one call an improvement instead of an eager assign per weight, and no variables created
+    per trial.
     """
 
     def __init__(self) -> None:
@@ -207,19 +210,47 @@ class _BestWeights(keras.callbacks.Callback):
         if not value < self.best:  # NaN never improves
             return
         self.best = value
+        weights = [w.value for w in self.model.weights]
         if self.copies is None:
-            # ops.copy: a variable made from ``weight.value`` would share its storage
-            self.copies = [keras.Variable(keras.ops.copy(w), trainable=False, name=f"best_{i}")
-                           for i, w in enumerate(self.model.weights)]
-        else:
-            for copy, weight in zip(self.copies, self.model.weights, strict=True):
-                copy.assign(weight)
+            self.copies = _copies_for(weights)
+        _copy_all()(self.copies, weights)
 
     def on_train_end(self, logs: dict | None = None) -> None:
         if self.copies is not None:
-            for copy, weight in zip(self.copies, self.model.weights, strict=True):
-                weight.assign(copy)
-            self.copies = None  # device memory, not left to the next collection
+            _copy_all()([w.value for w in self.model.weights], self.copies)
+            self.copies = None
+
+
+_COPIES: dict[tuple, list[Any]] = {}  # weight shapes and dtypes -> variables to copy into
+_COPY_ALL: list[Callable] = []
+
+
+def _copies_for(weights: list[Any]) -> list[Any]:
+    """Variables to hold a copy of ``weights``, made on the first call for these shapes and
+    reused by every later model of the same shapes (one trial at a time per process)."""
+    import tensorflow as tf
+
+    layout = tuple((tuple(w.shape), w.dtype.name) for w in weights)
+    if layout not in _COPIES:
+        _COPIES[layout] = [tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False)
+                           for w in weights]
+    return _COPIES[layout]
+
+
+def _copy_all() -> Callable[[list[Any], list[Any]], None]:
+    """``copy(targets, sources)`` assigns every source to its target in one traced call,
+    traced once per shape layout (TensorFlow keys a trace on variables' shapes, not on which
+    variables they are)."""
+    if not _COPY_ALL:
+        import tensorflow as tf
+
+        @tf.function(autograph=False)
+        def copy(targets: list[Any], sources: list[Any]) -> None:
+            for target, source in zip(targets, sources, strict=True):
+                target.assign(source)
+
+        _COPY_ALL.append(copy)
+    return _COPY_ALL[0]
 
 
 def _sample_loss(pooled: float, val: float, n_val: int, n_sample: int) -> float:
