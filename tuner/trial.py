@@ -19,6 +19,7 @@ the test never takes part in selection.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -222,7 +223,6 @@ class _BestWeights(keras.callbacks.Callback):
 
 
 _COPIES: dict[tuple, list[Any]] = {}  # weight shapes and dtypes -> variables to copy into
-_COPY_ALL: list[Callable] = []
 
 
 def _copies_for(weights: list[Any]) -> list[Any]:
@@ -237,20 +237,19 @@ def _copies_for(weights: list[Any]) -> list[Any]:
     return _COPIES[layout]
 
 
+@functools.cache
 def _copy_all() -> Callable[[list[Any], list[Any]], None]:
     """``copy(targets, sources)`` assigns every source to its target in one traced call,
     traced once per shape layout (TensorFlow keys a trace on variables' shapes, not on which
     variables they are)."""
-    if not _COPY_ALL:
-        import tensorflow as tf
+    import tensorflow as tf
 
-        @tf.function(autograph=False)
-        def copy(targets: list[Any], sources: list[Any]) -> None:
-            for target, source in zip(targets, sources, strict=True):
-                target.assign(source)
+    @tf.function(autograph=False)
+    def copy(targets: list[Any], sources: list[Any]) -> None:
+        for target, source in zip(targets, sources, strict=True):
+            target.assign(source)
 
-        _COPY_ALL.append(copy)
-    return _COPY_ALL[0]
+    return copy
 
 
 def _sample_loss(pooled: float, val: float, n_val: int, n_sample: int) -> float:
