@@ -136,3 +136,31 @@ def test_a_process_pinned_to_a_gpu_tensorflow_cannot_see_says_so(tmp_path: Path,
                     "1", env={"CUDA_VISIBLE_DEVICES": ""})
     assert cpu.returncode == 0 and "trial    1  COMPLETE" in cpu.stdout, cpu.stdout
     assert "sees no GPU" not in cpu.stdout  # nothing pinned: the CPU is what was asked for
+
+
+def test_a_python_without_tensorflow_is_one_line_and_no_restarts(tmp_path: Path,
+                                                                 pg_url: str) -> None:
+    """A node whose Python cannot import TensorFlow (installed without tuner's dependencies,
+    or a broken CUDA build): restarting the child would fail the same way six times over."""
+    broken = tmp_path / "broken" / "tensorflow"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(
+        "raise ImportError('libcudart.so.12: cannot open shared object file')\n")
+    node = {"PYTHONPATH": str(broken.parent)}
+    write_study(tmp_path, "notf", n_trials=1, epochs=1)
+    assert run_tuner("create", str(tmp_path / "notf.toml"), "--storage",
+                     pg_url).returncode == 0  # creating a study needs no TensorFlow
+    expected = ("cannot import TensorFlow (libcudart.so.12: cannot open shared object file); "
+                "trials train with it. Install tuner with its dependencies into the Python "
+                "that runs them (")
+    worker = run_tuner("worker", "--study", "notf", "--storage", pg_url, "--gpus", "none",
+                       env=node, timeout=120)
+    assert worker.returncode == 1, worker.stdout + worker.stderr
+    lines = worker.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tuner: error: [cpu] {expected}"), lines
+    assert lines[0].endswith("): pip install . in a checkout of tuner")
+    assert worker.stdout.count("started process") == 1  # not restarted
+    run = run_tuner("run", str(tmp_path / "notf.toml"), "--storage", pg_url, env=node,
+                    timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(f"tuner: error: {expected}")

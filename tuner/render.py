@@ -139,6 +139,12 @@ def no_gpu_seen(visible: str, tensorflow_version: str) -> str:
             f"pip install 'tensorflow[and-cuda]=={tensorflow_version}'")
 
 
+def no_tensorflow(error: str, python: str) -> str:
+    return (f"cannot import TensorFlow ({error}); trials train with it. Install tuner with its "
+            f"dependencies into the Python that runs them ({python}): pip install . in a "
+            "checkout of tuner")
+
+
 def run_done(stopped_because: str) -> str:
     return f"Done: {stopped_because}."
 

@@ -10,17 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
+
+from tuner import render
+from tuner.errors import RuntimeFailure
 
 _done = False
 
 
 def init_tensorflow() -> list[str]:
-    """Import TensorFlow, enable memory growth, and return the visible GPU names."""
+    """Import TensorFlow, enable memory growth, and return the visible GPU names.
+
+    A Python without a working TensorFlow is a :class:`RuntimeFailure` (one line, not
+    restarted), not a crash: a worker child restarted for it would only fail again.
+    """
     global _done
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with _stderr_silenced():
-        import tensorflow as tf
+        try:
+            import tensorflow as tf
+        except ImportError as exc:
+            raise RuntimeFailure(render.no_tensorflow(str(exc), sys.executable)) from None
 
         gpus = tf.config.list_physical_devices("GPU")
         if not _done:
