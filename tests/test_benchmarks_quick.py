@@ -29,6 +29,8 @@ EXPECTED = {
     "bench_chaos": ("chaos", {"summary", "rounds"}),
     "bench_disk": ("disk", {"default", "keep_all", "projection"}),
     "bench_figures": ("figures", {"curve", "updates"}),
+    # on this machine's CPU and TensorFlow: the checks that need a GPU report None
+    "bench_gpu": ("gpu", {"backend", "devices", "runs", "augmentation", "checks"}),
 }
 COMMON = {"benchmark", "quick", "command", "machine", "tables"}
 
