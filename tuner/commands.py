@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from typing import TextIO
 
 from tuner import render, settings
 from tuner.errors import ExitCode, UserError
-from tuner.urls import mask
+from tuner.urls import mask, parse_url
+
+
+def _storage_flags(url: str) -> str:
+    """The flags that point a worker elsewhere at ``url``, ready to paste: never its password
+    (a worker reads one from a file), and a relative SQLite path made absolute."""
+    from sqlalchemy.engine import URL
+
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        parsed = parsed.set(database=os.path.abspath(parsed.database))
+    bare = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port,
+                      parsed.database, parsed.query).render_as_string(hide_password=False)
+    return f"--storage {shlex.quote(bare)}" + (
+        " --storage-password-file FILE" if parsed.password else "")
 
 
 def run(opts: argparse.Namespace, out: TextIO) -> int:
@@ -40,7 +55,8 @@ def run(opts: argparse.Namespace, out: TextIO) -> int:
 def create(opts: argparse.Namespace, out: TextIO) -> int:
     """``tuner create``: register the study (idempotent) for workers elsewhere."""
     _, _, spec = _create_or_resume(opts, out, resuming=False)
-    _say(out, render.start_workers(spec.name))
+    url = settings.storage_url(opts.storage, opts.storage_password_file)
+    _say(out, render.start_workers(spec.name, _storage_flags(url)))
     return ExitCode.OK
 
 

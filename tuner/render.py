@@ -11,6 +11,7 @@ import csv
 import datetime as dt
 import io
 import json
+import shlex
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -92,8 +93,9 @@ def study_exists(name: str, url: str, progress: str, resuming: bool) -> str:
     return f"Study {name!r} exists in {url}: {progress}" + (", resuming" if resuming else "")
 
 
-def start_workers(name: str) -> str:
-    return f"Start workers with: tuner worker --study {name} --storage URL --gpus all"
+def start_workers(name: str, storage_flags: str) -> str:
+    return (f"Start workers with: tuner worker --study {shlex.quote(name)} {storage_flags} "
+            "--gpus all")
 
 
 def outcome(o: Outcome, epochs: int) -> str:
