@@ -110,7 +110,9 @@ def test_signals_reach_a_worker_that_waits_for_a_slot(tmp_path: Path, pg_url: st
 
     for what, seconds in took.items():
         print(f"\n[waiting worker] {what}: gone in {seconds:.1f}s")
-        assert seconds < 5, what
+        # 1-2 s on an idle 2-core machine, 5.3 s seen with the suite's other process beside
+        # it; a signal the waiting loop missed would wait out the 1,000-epoch trial instead.
+        assert seconds < 10, what
     # --timeout holds while waiting too: it must not take a trial queued later
     assert timed_worker.wait(timeout=60) == 0, timed_worker.stderr
     assert "reached --timeout 15s" in timed_worker.stdout + timed_worker.stderr
