@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def check_devices() -> dict[str, Any]:
     from tuner.supervisor import parse_gpus, plan_children
 
     smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                         check=False) if _has("nvidia-smi") else None
+                         check=False) if shutil.which("nvidia-smi") else None
     listed = [ln for ln in (smi.stdout.splitlines() if smi else []) if ln.startswith("GPU ")]
     planned = parse_gpus("all", visible=None)
     slots = plan_children(planned)
@@ -98,12 +99,6 @@ def check_devices() -> dict[str, Any]:
             "plan_matches_nvidia_smi": len(planned) == len(listed),
             "missing_index_refused": refused, "children": children,
             "backend_sees": accelerators()}  # after the children: they had the GPU to themselves
-
-
-def _has(program: str) -> bool:
-    import shutil
-
-    return shutil.which(program) is not None
 
 
 def study_specs(npz: Path | None, tmp: Path) -> list[tuple[str, Any]]:
@@ -131,15 +126,17 @@ def study_specs(npz: Path | None, tmp: Path) -> list[tuple[str, Any]]:
     return [("mlp-digits", demo), (name, load_spec(path))]
 
 
+def devices_of(tensor: Any) -> set[str]:
+    """The devices a backend tensor lives on (JAX arrays list theirs; the others have one)."""
+    devices = getattr(tensor, "devices", None)
+    if callable(devices):
+        return {str(d) for d in devices()}
+    return {str(getattr(tensor, "device", "?"))}
+
+
 def weight_devices(model: Any) -> list[str]:
     """Where the model's variables live, one entry per distinct device."""
-    found = set()
-    for w in model.weights:
-        value = w.value
-        devices = getattr(value, "devices", None)  # JAX arrays
-        found.update(str(d) for d in devices()) if callable(devices) else \
-            found.add(str(getattr(value, "device", "?")))
-    return sorted(found)
+    return sorted(set().union(*(devices_of(w.value) for w in model.weights)))
 
 
 def train(label: str, spec: Any, n_trials: int, epochs: int | None) -> list[dict[str, Any]]:
@@ -214,9 +211,7 @@ def check_augmentation(spec: Any) -> dict[str, Any]:
     layers = build_augmentation(Augmentation.from_strength(0.5), seed=0)
     trained = layers(images, training=True)
     inferred = keras.ops.convert_to_numpy(layers(images, training=False))
-    devices = getattr(trained, "devices", None)
-    where = sorted(str(d) for d in devices()) if callable(devices) else \
-        [str(getattr(trained, "device", "?"))]
+    where = sorted(devices_of(trained))
     changed = float(np.mean(np.abs(keras.ops.convert_to_numpy(trained) - images)))
     return {"layers": [layer.name for layer in layers.layers], "computed_on": where,
             "mean_abs_change_training": round(changed, 4),
