@@ -225,7 +225,8 @@ def test_sigterm_and_ctrl_c_give_the_trial_back(tmp_path: Path, pg_url: str,
         assert "Stopped: the running trials were given back" in worker.stdout
         assert "Traceback" not in worker.stderr, worker.stderr
         failed = next(t for t in _trials(pg_url, "stop") if t.number == victim.number)
-        assert failed.state.name == "FAIL" and failed.user_attrs["fail_reason"] == "interrupted"
+        assert failed.state.name == "FAIL" and failed.user_attrs["fail_reason"] == "interrupted", \
+            (failed.state.name, worker.stdout, worker.stderr)
         given_back.append(victim.number)
         print(f"\n[{how}] trial {victim.number} given back, worker exited {exit_code} in "
               f"{took:.1f}s")

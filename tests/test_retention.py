@@ -92,7 +92,7 @@ def test_three_workers_keep_only_the_best_k(tmp_path: Path, pg_url: str,
 
 
 _STOPPED_WHILE_SAVING = """
-import sys, time
+import os, sys, time
 import tuner.trial
 
 save = tuner.trial.save_model
@@ -100,7 +100,8 @@ save = tuner.trial.save_model
 def save_then_hang(model, store, artifact_id=None):
     saved = save(model, store, artifact_id)
     print("SAVED", saved, flush=True)
-    time.sleep(120)  # SIGTERM lands here: file and record written, trial not yet told
+    # the signal lands here: file and record written, trial not yet told
+    time.sleep(float(os.environ["SAVE_PAUSE"]))
     return saved
 
 tuner.trial.save_model = save_then_hang
@@ -109,19 +110,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "kill -9"])
-def test_a_worker_stopped_while_saving_leaves_no_model_behind(tmp_path: Path, pg_url: str,
-                                                              stop: signal.Signals) -> None:
-    """The model of a trial whose worker stops between saving it and telling the result is
-    deleted with its failed trial (by the worker itself on SIGTERM; on kill -9, by another
-    worker), and its queued rerun does not name it: the K hold on preemptible nodes too."""
+def _stop_while_saving(tmp_path: Path, pg_url: str, stop: signal.Signals,
+                       pause: float) -> tuple[str, Path]:
+    """A one-epoch study run by a worker whose save takes ``pause`` seconds more; ``stop``
+    is sent once the model's file and record are written. Its saved artifact id."""
     artifacts = tmp_path / "models"
     study = write_study(tmp_path, "stop", n_trials=2, epochs=1, extra_study="keep_models = 1")
     cmd = [sys.executable, "-c", _STOPPED_WHILE_SAVING, "run", str(study), "--storage", pg_url,
            "--artifacts", str(artifacts)]
     fast = {"TUNER_HEARTBEAT_INTERVAL": "1", "TUNER_GRACE_PERIOD": "3"}  # the dead found soon
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **fast})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "SAVE_PAUSE": str(pause),
+                                 **fast})
     assert proc.stdout is not None
     saved = next((line.split()[1] for line in proc.stdout if line.startswith("SAVED")), None)
     assert saved is not None and (artifacts / saved).is_file()
@@ -130,12 +130,35 @@ def test_a_worker_stopped_while_saving_leaves_no_model_behind(tmp_path: Path, pg
     again = run_tuner("run", str(study), "--storage", pg_url, "--artifacts", str(artifacts),
                       env={**os.environ, **fast})
     assert again.returncode == 0, again.stderr
+    return saved, artifacts
+
+
+def test_a_worker_killed_while_saving_leaves_no_model_behind(tmp_path: Path,
+                                                             pg_url: str) -> None:
+    """The model of a trial whose worker dies between saving it and telling the result is
+    deleted with its failed trial by another worker, and its queued rerun does not name it:
+    the K hold on preemptible nodes too."""
+    saved, artifacts = _stop_while_saving(tmp_path, pg_url, signal.SIGKILL, pause=120)
     trials = _trials(pg_url, "stop")
     stopped = trials[0]
     assert stopped.state.name == "FAIL" and stopped.user_attrs.get(attrs.MODEL_ARTIFACT) is None
     rerun = next(t for t in trials if t.system_attrs.get("failed_trial") == stopped.number)
     assert f"artifacts:{saved}" not in rerun.system_attrs
     best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert sorted(p.name for p in artifacts.iterdir()) == [best.user_attrs["model_artifact"]]
+
+
+def test_sigterm_while_saving_finishes_the_trained_trial_first(tmp_path: Path,
+                                                               pg_url: str) -> None:
+    """SIGTERM after training stops the worker only once the save and the tell are done: the
+    trial's epochs are not thrown away, and its model is kept or dropped by the best-K rule
+    like any other."""
+    saved, artifacts = _stop_while_saving(tmp_path, pg_url, signal.SIGTERM, pause=2)
+    trials = _trials(pg_url, "stop")
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    # its own model, unless the next trial did better and keep_models = 1 dropped it
+    assert trials[0].user_attrs.get(attrs.MODEL_ARTIFACT) in (saved, None)
+    best = min(trials, key=lambda t: t.value)
     assert sorted(p.name for p in artifacts.iterdir()) == [best.user_attrs["model_artifact"]]
 
 

@@ -3,6 +3,9 @@ pruning and early stopping record what a user reads back, NaN fails the trial wi
 
 from __future__ import annotations
 
+import os
+import signal
+
 import keras
 import numpy as np
 import optuna
@@ -175,6 +178,44 @@ def test_nan_loss_fails_with_a_reason(arrays) -> None:
     study = optuna.create_study()
     with pytest.raises(TrialDiverged, match="loss became nan at epoch 1"):
         run_trial(study.ask(), spec, arrays, make_datasets(arrays, 64))
+
+
+def test_a_stop_signal_ends_the_trial_between_two_batches(arrays) -> None:
+    """A worker's SIGTERM during training is only noted by the handler, which raises nothing
+    (it could land inside TensorFlow's C++ code); the next batch's stop check raises it, and
+    the epochs reported before it are kept."""
+    from tuner.worker import Interrupted, _interrupts_raise, _stop_check, _TimeLimit
+
+    spec = spec_for({"dropout": 0.1, "l2": 1e-4, "augment": 0}, epochs=50)
+    study = optuna.create_study()
+    trial = study.ask()
+    calls: list[str] = []
+    with _interrupts_raise() as signals:
+        check = _stop_check(signals, _TimeLimit(None))
+
+        def stop_check() -> None:
+            calls.append("batch")
+            if len(calls) == 12:
+                os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here
+                calls.append("after the signal")
+            check()
+
+        with pytest.raises(Interrupted, match="SIGTERM"):
+            run_trial(trial, spec, arrays, make_datasets(arrays, 64), stop_check=stop_check)
+    assert calls[-1] == "after the signal"  # raised by the check, not inside the handler
+    assert 1 <= len(trial.storage.get_trial(trial._trial_id).intermediate_values) < 50
+
+
+def test_a_trial_past_its_time_limit_stops_before_its_first_batch(arrays) -> None:
+    from tuner.worker import TrialTimedOut, _TimeLimit
+
+    spec = spec_for({"dropout": 0.1, "l2": 1e-4, "augment": 0}, epochs=50)
+    study = optuna.create_study()
+    trial = study.ask()
+    limit = _TimeLimit(0.0)
+    with pytest.raises(TrialTimedOut):
+        run_trial(trial, spec, arrays, make_datasets(arrays, 64), stop_check=limit.check)
+    assert limit.fired and study.trials[0].intermediate_values == {}
 
 
 def test_strength_zero_adds_no_layers_and_flip_only_when_allowed() -> None:

@@ -350,6 +350,9 @@ def child_main(argv: list[str] | None = None) -> int:
             Path(config.report).write_text(str(exc), encoding="utf-8")
         return EXIT_STOPPED
     except Exception as exc:  # noqa: BLE001 - a crash: the parent restarts this process
+        if _early_interrupts.received:  # the signal, made another error by the import it hit
+            say(sys.stdout, f"{prefix} stopped; its running trial (if any) was given back")
+            return EXIT_DONE
         import traceback
 
         traceback.print_exc()
@@ -378,7 +381,11 @@ def _child_work(config: ChildConfig, prefix: str) -> int:
 
 
 class _early_interrupts:  # noqa: N801 - a context manager
-    """SIGTERM/SIGINT before the worker loop takes over (importing TensorFlow, loading data)."""
+    """SIGTERM/SIGINT before the worker loop takes over (importing TensorFlow, loading data):
+    nothing to give back yet, so the exception is raised wherever it lands. ``received``
+    says it came, should a C extension turn it into another error."""
+
+    received = ""
 
     def __enter__(self) -> None:
         from tuner.worker import Interrupted
@@ -386,7 +393,8 @@ class _early_interrupts:  # noqa: N801 - a context manager
         def handler(signum: int, frame: FrameType | None) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            raise Interrupted(signal.Signals(signum).name)
+            _early_interrupts.received = signal.Signals(signum).name
+            raise Interrupted(_early_interrupts.received)
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)

@@ -190,6 +190,29 @@ def _curve_point(loss: float) -> float:
     return round(loss, 5) if abs(loss) >= 1e-3 else float(f"{loss:.5g}")
 
 
+class _StopPoints(keras.callbacks.Callback):
+    """Calls ``check`` when training starts and after every training and validation batch.
+
+    A trial is stopped (a signal, its time limit) only here, where an exception leaves
+    Keras the ordinary way. Raised from a signal handler it could land anywhere: inside
+    TensorFlow's C++ calls back into Python it became a ``SystemError`` and the process hung
+    instead of giving its trial back. A batch is the longest wait it adds.
+    """
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        super().__init__()
+        self.check = check
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.check()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.check()
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.check()
+
+
 class _BestWeights(keras.callbacks.Callback):
     """Keeps the best epoch's weights (by ``MONITOR``) and puts them back when fit ends.
 
@@ -261,7 +284,8 @@ def _sample_loss(pooled: float, val: float, n_val: int, n_sample: int) -> float:
 def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Datasets,
               artifact_store: optuna.artifacts.FileSystemArtifactStore | None = None, *,
               prune_from: int | None = 1, recorder: Recorder | None = None,
-              keep_model: Callable[[float], bool] | None = None) -> TrialResult:
+              keep_model: Callable[[float], bool] | None = None,
+              stop_check: Callable[[], None] | None = None) -> TrialResult:
     """Train one sampled configuration; raises :class:`optuna.TrialPruned` when pruned.
 
     The trial's attributes are written before returning or raising, so pruned trials carry
@@ -269,7 +293,9 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
     ``test_loss``, ``test_accuracy``) and, if ``keep_model(val_loss)`` says so (by default
     always), uploaded to ``artifact_store``. ``prune_from``: the first epoch at which the
     pruner is asked (``None``: never, as for the runs of a confirm step). ``recorder``: how
-    figures are written (default :class:`OptunaRecorder`).
+    figures are written (default :class:`OptunaRecorder`). ``stop_check`` is called when
+    training starts and after every batch; what it raises (a stop signal, a time limit) ends
+    the trial there (:class:`_StopPoints`).
     """
     started = time.perf_counter()
     recorder = recorder or OptunaRecorder(trial)
@@ -287,11 +313,14 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
                               (len(arrays.y_val), len(datasets.train_sample[1])), prune_from)
     stopper = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="min",
                                             patience=spec.model.patience)
+    callbacks = [reporter, stopper, _BestWeights()]
+    if stop_check is not None:
+        callbacks.insert(0, _StopPoints(stop_check))
     try:
         model.fit(datasets.train, validation_data=validation, epochs=spec.model.epochs,
                   verbose=0,
                   shuffle=False,  # the tf.data pipeline shuffles
-                  callbacks=[reporter, stopper, _BestWeights()])
+                  callbacks=callbacks)
         history = reporter.history
         best = min(range(len(history)), key=lambda i: history[i][MONITOR])
         result = TrialResult(

@@ -162,16 +162,15 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
             with _Heartbeat(storage, claimed, claimer.sweep, hung_exit):
                 try:
                     try:
-                        signals.arm()
-                        with limit.running():
-                            result = run_trial(
-                                trial, spec, arrays, datasets, store,
-                                prune_from=None if confirming else first_prunable,
-                                recorder=recorder,
-                                keep_model=(lambda _: True) if confirming
-                                else retention.qualifies)
+                        signals.check()  # a signal that came while claiming
+                        result = run_trial(
+                            trial, spec, arrays, datasets, store,
+                            prune_from=None if confirming else first_prunable,
+                            recorder=recorder,
+                            keep_model=(lambda _: True) if confirming
+                            else retention.qualifies,
+                            stop_check=_stop_check(signals, limit))
                     finally:
-                        signals.disarm()
                         recorder.close()
                     frozen = claimer.tell(trial, result.val_loss)
                     completed = True
@@ -193,7 +192,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                     continue
                 except (Exception, TrialTimedOut) as exc:  # noqa: BLE001 - recorded, not fatal
                     if signals.received is not None:
-                        # The interrupt landed where a library turned it into another error.
+                        # Stopping: whatever else ended the trial meanwhile, it is given back.
                         claimer.give_back(trial)
                         _drop_model(retention, claimed, completed)
                         raise Interrupted(signals.received) from None
@@ -447,32 +446,30 @@ class _Heartbeat:
 
 
 class _TimeLimit:
-    """Raise :class:`TrialTimedOut` in the main thread after ``seconds`` (SIGALRM).
+    """A trial's ``trial_timeout``, counted from now: :meth:`check`, called between batches
+    (``run_trial``'s ``stop_check``), raises :class:`TrialTimedOut` once it has passed.
 
-    ``fired`` stays true afterwards: a library (Keras tracing a layer, say) may turn the
-    exception into an error of its own, and the trial must still fail for its time.
+    ``fired`` stays true afterwards, so the trial fails for its time whatever a library
+    makes of the exception on its way out.
     """
 
     def __init__(self, seconds: float | None) -> None:
-        self.seconds, self.fired = seconds, False
+        self.fired = False
+        self.deadline = None if seconds is None else time.monotonic() + seconds
 
-    @contextmanager
-    def running(self) -> Iterator[None]:
-        if self.seconds is None:
-            yield
-            return
-
-        def on_alarm(signum: int, frame: FrameType | None) -> None:
+    def check(self) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
             self.fired = True
             raise TrialTimedOut
 
-        previous = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, self.seconds)
-        try:
-            yield
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+
+def _stop_check(signals: _interrupts_raise, limit: _TimeLimit) -> Callable[[], None]:
+    """What a trial asks between batches: was the worker told to stop, is its time up?"""
+    def check() -> None:
+        signals.check()
+        limit.check()
+
+    return check
 
 
 def _timed_out_reason(seconds: float | None) -> str:
@@ -480,13 +477,15 @@ def _timed_out_reason(seconds: float | None) -> str:
 
 
 class _interrupts_raise:  # noqa: N801 - used as a context manager like contextlib helpers
-    """SIGTERM and SIGINT stop the worker once; only while a trial trains, or while the worker
-    waits for a free slot, do they raise at once.
+    """SIGTERM and SIGINT stop the worker once; only while the worker waits for a free slot
+    do they raise at once.
 
-    Elsewhere (claiming a trial, telling a result) the signal is remembered and :meth:`check`
-    raises it at the next safe point, so the budget bookkeeping is never cut in half. A second
-    signal (Ctrl-C reaches a whole process group, and the supervisor forwards SIGTERM too) is
-    ignored while the trial is given back.
+    Elsewhere the signal is remembered and :meth:`check` raises it at the next safe point:
+    between two batches of a trial (``run_trial``'s ``stop_check``), or between claiming,
+    training and telling, so the budget bookkeeping is never cut in half. Raised from the
+    handler inside training, it could land in TensorFlow's C++ code, which made it a
+    ``SystemError`` and hung the process. A second signal (Ctrl-C reaches a whole process
+    group, and the supervisor forwards SIGTERM too) is ignored while the trial is given back.
     """
 
     def __enter__(self) -> _interrupts_raise:
@@ -508,20 +507,14 @@ class _interrupts_raise:  # noqa: N801 - used as a context manager like contextl
         if self.received is not None:
             raise Interrupted(self.received)
 
-    def arm(self) -> None:
-        self.check()
-        self.armed = True
-
-    def disarm(self) -> None:
-        self.armed = False
-
     def sleep(self, seconds: float) -> None:
         """Wait for a free slot; a signal ends the wait (and the worker) at once."""
-        self.arm()
+        self.check()
+        self.armed = True
         try:
             time.sleep(seconds)
         finally:
-            self.disarm()
+            self.armed = False
 
     def __exit__(self, *exc: object) -> None:
         for s, h in self.previous.items():
