@@ -238,6 +238,26 @@ def test_sigterm_and_ctrl_c_give_the_trial_back(tmp_path: Path, pg_url: str,
         _assert_retried(trials, number)
 
 
+def test_a_child_killed_while_stopping_is_not_said_to_have_given_its_trial_back(
+        tmp_path: Path, pg_url: str, workers: list[Worker]) -> None:
+    """A child stuck in a native call cannot stop at a batch's end; a second SIGTERM kills it
+    at once, and the worker says so rather than that its trial was given back."""
+    _create(tmp_path, pg_url, "stuck", n_trials=1, epochs=3, family="user_models:hangs")
+    marker = tmp_path / "stuck"
+    worker = Worker(tmp_path, "w", "--study", "stuck", "--gpus", "none", storage=pg_url,
+                    env={"STUCK_MARKER": str(marker)})
+    workers.append(worker)
+    _wait_for("a trial stuck in its first step", marker.exists, workers=[worker])
+    worker.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0, worker.stderr
+    assert "Stopped: 1 process was killed before giving a running trial back" in worker.stdout, \
+        worker.stdout
+    assert "given back;" not in worker.stdout
+    assert [t.state.name for t in _trials(pg_url, "stuck")] == ["RUNNING"]  # until a sweep
+
+
 def test_trials_that_raise_are_recorded_and_a_failing_worker_stops(
         tmp_path: Path, pg_url: str, workers: list[Worker]) -> None:
     _create(tmp_path, pg_url, "broken", n_trials=10, epochs=1, family="user_models:broken")

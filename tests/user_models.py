@@ -63,13 +63,18 @@ def slow(hp: Hyperparams) -> keras.Model:
 
 
 def hangs(hp: Hyperparams) -> keras.Model:
-    """The first training step never returns to Python: stuck inside a native call, where no
-    Python signal handler runs (as a deadlocked CUDA or collective call would be)."""
+    """The first training step never returns to Python: stuck inside a native call that no
+    signal cuts short (as a deadlocked CUDA or collective call would be). It touches the file
+    ``$STUCK_MARKER`` names, if any, once it is stuck."""
     import ctypes
+    import os
     import signal
+    from pathlib import Path
 
     def forever(x):  # noqa: ANN001, ANN202
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        if os.environ.get("STUCK_MARKER"):
+            Path(os.environ["STUCK_MARKER"]).touch()
         ctypes.CDLL(None).sleep(3600)
         return x
 

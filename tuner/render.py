@@ -117,8 +117,13 @@ def worker_stopping(signal_name: str) -> str:
     return f"Received {signal_name}: the running trials are given back, stopping"
 
 
-def worker_stopped() -> str:
-    return "Stopped: the running trials were given back; start the worker again to resume."
+def worker_stopped(killed: int = 0) -> str:
+    if not killed:
+        return "Stopped: the running trials were given back; start the worker again to resume."
+    which = "1 process was" if killed == 1 else f"{killed} processes were"
+    return (f"Stopped: {which} killed before giving a running trial back; such a trial is "
+            "queued again once its heartbeat is missed (the grace period). Start the worker "
+            "again to resume.")
 
 
 def worker_done() -> str:

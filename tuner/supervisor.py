@@ -178,6 +178,7 @@ class _Supervisor:
         self.children = [_Child(s, report=tmp / f"child-{s.index}.txt") for s in slots]
         self.stopping: str | None = None
         self.stop_deadline = 0.0
+        self.killed: set[int] = set()  # children killed while stopping: trials not given back
         self.salt = zlib.crc32(f"{socket.gethostname()}/{os.getpid()}".encode()) % 100_000
 
     def run(self) -> int:
@@ -211,7 +212,9 @@ class _Supervisor:
                 try:
                     child.proc.send_signal(sig)
                 except ProcessLookupError:
-                    pass
+                    continue
+                if sig == signal.SIGKILL:
+                    self.killed.add(child.proc.pid)
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -268,7 +271,7 @@ class _Supervisor:
 
     def _finish(self) -> int:
         if self.stopping:
-            say(self.out, render.worker_stopped())
+            say(self.out, render.worker_stopped(len(self.killed)))
             return signal_exit_code()
         failed = [c.message for c in self.children if c.outcome == "failed"]
         if failed and len(self.children) == 1 and _read(self.children[0].report):
