@@ -191,25 +191,24 @@ def _curve_point(loss: float) -> float:
 
 
 class _StopPoints(keras.callbacks.Callback):
-    """Calls ``check`` when training starts and after every training and validation batch.
+    """Calls ``check`` before every training and validation batch.
 
     A trial is stopped (a signal, its time limit) only here, where an exception leaves
     Keras the ordinary way. Raised from a signal handler it could land anywhere: inside
     TensorFlow's C++ calls back into Python it became a ``SystemError`` and the process hung
-    instead of giving its trial back. A batch is the longest wait it adds.
+    instead of giving its trial back. A batch is the longest wait it adds. Batch *begin*
+    hooks: one at a batch's end would make Keras read every batch's logs back from the
+    device at once (no more asynchronous dispatch), stalling a GPU at each step.
     """
 
     def __init__(self, check: Callable[[], None]) -> None:
         super().__init__()
         self.check = check
 
-    def on_train_begin(self, logs: dict | None = None) -> None:
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self.check()
 
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.check()
-
-    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+    def on_test_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self.check()
 
 
@@ -293,8 +292,8 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
     ``test_loss``, ``test_accuracy``) and, if ``keep_model(val_loss)`` says so (by default
     always), uploaded to ``artifact_store``. ``prune_from``: the first epoch at which the
     pruner is asked (``None``: never, as for the runs of a confirm step). ``recorder``: how
-    figures are written (default :class:`OptunaRecorder`). ``stop_check`` is called when
-    training starts and after every batch; what it raises (a stop signal, a time limit) ends
+    figures are written (default :class:`OptunaRecorder`). ``stop_check`` is called before
+    every batch; what it raises (a stop signal, a time limit) ends
     the trial there (:class:`_StopPoints`).
     """
     started = time.perf_counter()
