@@ -54,9 +54,8 @@ def run(opts: argparse.Namespace, out: TextIO) -> int:
 
 def create(opts: argparse.Namespace, out: TextIO) -> int:
     """``tuner create``: register the study (idempotent) for workers elsewhere."""
-    _, _, spec = _create_or_resume(opts, out, resuming=False)
-    url = settings.storage_url(opts.storage, opts.storage_password_file)
-    _say(out, render.start_workers(spec.name, _storage_flags(url)))
+    storage, _, spec = _create_or_resume(opts, out, resuming=False)
+    _say(out, render.start_workers(spec.name, _storage_flags(storage.url)))
     return ExitCode.OK
 
 
