@@ -390,9 +390,9 @@ class _Heartbeat:
     Every grace period it also looks for other workers' dead trials (``sweep``), so a dead
     trial is retried within about two grace periods even while every live worker is busy
     with a long trial and nobody is claiming a new one. A trial still training two grace
-    periods past its ``trial_timeout`` is stuck where no exception reaches it (inside a native
-    call): it is failed from here and the process ends with ``hung_exit``, so that its slot is
-    free again (the supervisor starts a fresh process).
+    periods past its ``trial_timeout`` never reached its next batch, where the limit is
+    checked (stuck inside a native call, say): it is failed from here and the process ends
+    with ``hung_exit``, so that its slot is free again (the supervisor starts a fresh one).
     """
 
     def __init__(self, storage: RDBStorage, claimed: Claimed,
