@@ -197,8 +197,8 @@ class _StopPoints(keras.callbacks.Callback):
     Keras the ordinary way. Raised from a signal handler it could land anywhere: inside
     TensorFlow's C++ calls back into Python it became a ``SystemError`` and the process hung
     instead of giving its trial back. A batch is the longest wait it adds. Batch *begin*
-    hooks: one at a batch's end would make Keras read every batch's logs back from the
-    device at once (no more asynchronous dispatch), stalling a GPU at each step.
+    hooks: where Keras hands batch-end callbacks to a thread (JAX, PyTorch), a batch-end
+    hook would make it read every batch's logs back from the device before the next step.
     """
 
     def __init__(self, check: Callable[[], None]) -> None:
@@ -293,8 +293,7 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, arrays: Arrays, datasets: Da
     always), uploaded to ``artifact_store``. ``prune_from``: the first epoch at which the
     pruner is asked (``None``: never, as for the runs of a confirm step). ``recorder``: how
     figures are written (default :class:`OptunaRecorder`). ``stop_check`` is called before
-    every batch; what it raises (a stop signal, a time limit) ends
-    the trial there (:class:`_StopPoints`).
+    every batch; what it raises (a stop signal, a time limit) ends the trial there.
     """
     started = time.perf_counter()
     recorder = recorder or OptunaRecorder(trial)
