@@ -123,6 +123,10 @@ def test_a_stop_says_which_budget_is_spent() -> None:
         "study budget of 500 epochs is spent"
     assert decide(_usage(), Budget(None, seconds=7200, clock_started=0), 7200).reason == \
         "study time budget of 2h is spent"
+    # a study of one trial, as a quick check or a confirm run would have
+    assert decide(_usage(complete=1), Budget(1), 0).reason == "study budget of 1 trial is spent"
+    assert Budget(1).describe() == "1 trial" and Budget(1).progress(_usage()) == \
+        "0 of 1 trial finished"
 
 
 # --- processes racing for the last slots ------------------------------------------------------

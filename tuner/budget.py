@@ -56,7 +56,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import exc as sa_exc
 
 from tuner import attrs, optuna_sql
-from tuner.render import duration
+from tuner.render import count, duration
 from tuner.storage import retry_interval, retry_on_disconnect
 
 MAX_RETRY = 3  # times the parameters of a trial whose worker died are run again
@@ -101,7 +101,7 @@ class Budget:
         """``24 trials``, ``600 epochs`` or ``8h``, the way a user wrote the budget."""
         parts = []
         if self.n_trials is not None:
-            parts.append(f"{self.n_trials} trials")
+            parts.append(count(self.n_trials, "trial"))
         if self.epochs is not None:
             parts.append(f"{self.epochs} epochs")
         if self.seconds is not None:
@@ -111,7 +111,8 @@ class Budget:
     def progress(self, usage: Usage, now: float | None = None) -> str:
         """``3 of 24 trials finished``, with the epochs and time spent when those are limited."""
         n = f" of {self.n_trials}" if self.n_trials is not None else ""
-        parts = [f"{usage.finished}{n} trials finished"]
+        total = usage.finished if self.n_trials is None else self.n_trials
+        parts = [f"{usage.finished}{n} {'trial' if total == 1 else 'trials'} finished"]
         if self.epochs is not None:
             parts.append(f"{usage.epochs} of {self.epochs} epochs")
         if self.seconds is not None:
@@ -153,7 +154,7 @@ def decide(usage: Usage, budget: Budget, now: float) -> Verdict:
     """The rules of the module docstring, as a pure function (``now``: UTC seconds)."""
     n = budget.n_trials
     if n is not None and usage.finished >= n:
-        return Verdict(Decision.STOP, f"study budget of {n} trials is spent")
+        return Verdict(Decision.STOP, f"study budget of {count(n, 'trial')} is spent")
     if budget.epochs is not None and usage.epochs >= budget.epochs:
         return Verdict(Decision.STOP, f"study budget of {budget.epochs} epochs is spent")
     if (budget.seconds is not None and budget.clock_started is not None

@@ -50,7 +50,7 @@ def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}".replace("-0.0000", "0.0000")
 
 
-def _count(n: int, noun: str) -> str:
+def count(n: int, noun: str) -> str:
     """``1 trial``, ``3 trials``."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -131,7 +131,7 @@ def worker_done() -> str:
 
 
 def worker_child_done(trials_run: int, stopped_because: str) -> str:
-    return f"done after {_count(trials_run, 'trial')}: {stopped_because}"
+    return f"done after {count(trials_run, 'trial')}: {stopped_because}"
 
 
 def waiting() -> str:
@@ -294,7 +294,7 @@ def status(s: StudyStatus, now: dt.datetime | None = None) -> str:
     """A study's status as a few aligned lines."""
     now = now or dt.datetime.now(dt.UTC)
     if s.n_trials is not None and s.epoch_budget is None and s.time_budget is None:
-        budget = f"{s.n_trials} trials budget, {s.left} left"
+        budget = f"{count(s.n_trials, 'trial')} budget, {s.left} left"
     elif s.budget:
         budget = f"budget {s.budget}"
     else:
@@ -424,7 +424,7 @@ def curves_title(n: int) -> str:
 
 
 def knobs_title(complete: int) -> str:
-    return f"val_loss (top) and gap (bottom) per knob, {_count(complete, 'trial')}, ★ best"
+    return f"val_loss (top) and gap (bottom) per knob, {count(complete, 'trial')}, ★ best"
 
 
 def curve_name(trial: int, kind: str) -> str:
@@ -456,7 +456,7 @@ def figure_summary(study: str, best_trial: int, best_value: float, gap: float | 
     """The lines above the figures in ``tuner plot``'s HTML page."""
     return [f"Best trial #{best_trial}: val_loss {number(best_value)}, gap {number(gap)} "
             "(val_loss − train_loss at its best epoch)",
-            f"{_count(complete, 'completed trial')}; "
+            f"{count(complete, 'completed trial')}; "
             f"`tuner best --study {study}` for its parameters"]
 
 
@@ -471,7 +471,7 @@ def study_note(best_trial: int, best_value: float, gap: float | None, complete: 
     lines = [f"**Best trial #{best_trial}**: val_loss {number(best_value)} "
              "(cross-entropy, no L2 penalty), generalization gap "
              f"{number(gap)} (val_loss − train_loss at its best epoch), "
-             f"out of {_count(complete, 'completed trial')}.", ""]
+             f"out of {count(complete, 'completed trial')}.", ""]
     if report.get("importances"):
         ranked = ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items())
         lines += [f"Importances (fANOVA): {ranked}.", ""]
@@ -488,8 +488,8 @@ def study_note(best_trial: int, best_value: float, gap: float | None, complete: 
 
 
 def plot_written(path: str, study: str, curves: int, complete: int) -> str:
-    return (f"Wrote {path}: learning curves of the best {_count(curves, 'trial')} and the "
-            f"knobs of {_count(complete, 'completed trial')} of study {study!r}")
+    return (f"Wrote {path}: learning curves of the best {count(curves, 'trial')} and the "
+            f"knobs of {count(complete, 'completed trial')} of study {study!r}")
 
 
 def plot_bad_extension(path: str, extensions: tuple[str, ...]) -> str:
@@ -520,6 +520,6 @@ def no_completed_trial(study: str, what: str, states: list[str]) -> str:
                 f"worker (`tuner worker --study {study}`)")
     pruned, failed = states.count("PRUNED"), states.count("FAIL")
     return (f"study {study!r} has no completed trial: nothing to {what}; its "
-            f"{_count(pruned, 'trial')} pruned and {failed} failed are all it ran (`tuner "
+            f"{count(pruned, 'trial')} pruned and {failed} failed are all it ran (`tuner "
             "trials` shows why); raise n_trials in the study file and run `tuner create` "
             "again to run more")
