@@ -138,19 +138,26 @@ def test_models_trained_one_after_another_each_end_with_their_own_best_weights(a
             np.testing.assert_array_equal(restored.numpy(), expected)
 
 
-def test_a_completed_trial_is_scored_once_on_the_test_split() -> None:
+def test_a_completed_trial_is_scored_once_on_the_test_split(tmp_path) -> None:
+    """The figures are those of the model the trial keeps (its best epoch) on the test part."""
     spec = parse_spec({"study": {"name": "t", "seed": 0},
                        "data": {"source": "digits", "limit": 300, "test_split": 0.2},
-                       "model": {"epochs": 2, "batch_size": 64},
+                       "model": {"epochs": 3, "batch_size": 64},
                        "search": {"dropout": 0.1, "l2": 1e-4, "augment": 0}})
     arrays = load_arrays(spec.data)
+    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path))
     study = optuna.create_study()
     trial = study.ask()
-    result = run_trial(trial, spec, arrays, make_datasets(arrays, 64))
+    result = run_trial(trial, spec, arrays, make_datasets(arrays, 64), store)
     study.tell(trial, result.val_loss)
     attrs = study.trials[0].user_attrs
-    assert 0 < attrs["test_loss"] < 5 and 0 <= attrs["test_accuracy"] <= 1
     assert attrs["test_loss"] != pytest.approx(result.val_loss)  # another split
+    saved = tmp_path / "model.keras"
+    saved.write_bytes((tmp_path / attrs["model_artifact"]).read_bytes())
+    model = keras.models.load_model(saved)
+    scores = model.evaluate(arrays.x_test, arrays.y_test, verbose=0, return_dict=True)
+    assert attrs["test_loss"] == pytest.approx(scores["xent"], rel=1e-4)
+    assert attrs["test_accuracy"] == pytest.approx(scores["accuracy"])
 
 
 def test_pruned_trial_stops_early_and_keeps_its_attributes(arrays) -> None:

@@ -74,6 +74,8 @@ class Datasets(NamedTuple):
     train: tf.data.Dataset  # shuffled every epoch
     val: tf.data.Dataset
     train_sample: tuple[np.ndarray, np.ndarray]  # fixed, as large as val: for the train loss
+    # ``(x, y, weight 1)``: the structure of ``val_and_train_sample``, so that scoring a
+    # trial on it reuses the step Keras traced for the validation pass (0.15-0.3 s a trial)
     test: tf.data.Dataset | None
     # The validation images (weight 1), then the training sample (weight 0), as
     # ``(x, y, weight)``: one validation pass measures both losses (see tuner.trial).
@@ -135,7 +137,11 @@ def make_datasets(arrays: Arrays, batch_size: int, seed: int = 0) -> Datasets:
     sample = np.random.default_rng(seed).permutation(len(arrays.x_train))[:len(arrays.x_val)]
     sample.sort()
     x_sample, y_sample = arrays.x_train[sample], arrays.y_train[sample]
-    test = (pipeline(arrays.x_test, arrays.y_test) if arrays.has_test else None)
+    test = None
+    if arrays.has_test:
+        test = tf.data.Dataset.from_tensor_slices(
+            (arrays.x_test, arrays.y_test, np.ones(len(arrays.y_test), np.float32)))
+        test = test.cache().batch(inference_batch).prefetch(tf.data.AUTOTUNE)
     weights = np.concatenate([np.ones(len(arrays.y_val), np.float32),
                               np.zeros(len(y_sample), np.float32)])
     both = tf.data.Dataset.from_tensor_slices(
