@@ -96,7 +96,8 @@ def database_counters(url: str) -> dict[str, int]:
 def study_file(directory: Path, name: str, *, n_trials: int, epochs: int,
                pruner: str = "none", sampler: str = "tpe", seed: int | None = 0,
                patience: int = 5, batch_size: int = 64, limit: int | None = None,
-               family: str = "mlp", search: dict[str, str] | None = None) -> Path:
+               family: str = "mlp", search: dict[str, str] | None = None,
+               test_split: float | None = None) -> Path:
     """A study file on the digits data (every knob a range, or a single number = fixed)."""
     search = search or DEMO_SEARCH
     lines = "\n".join(f"{k} = {v}" for k, v in search.items())
@@ -112,6 +113,7 @@ def study_file(directory: Path, name: str, *, n_trials: int, epochs: int,
         source = "digits"
         validation_split = 0.25
         {f"limit = {limit}" if limit is not None else ""}
+        {f"test_split = {test_split}" if test_split else ""}
 
         [model]
         family = "{family}"

@@ -142,7 +142,8 @@ def _warm(args) -> None:  # noqa: ANN001
     identical network bare (``build_model`` + ``model.fit``, no tuner). A tuner trial's time is
     the time between two hooks, less the bare fit run in the first. The first trial, which
     includes the worker's set-up, is not counted. Wall and CPU seconds (all threads) both.
-    Prints both lists.
+    With a test part in the study, the bare fit's model is scored on it too, as each completed
+    trial is. Prints both lists.
     """
     import keras
 
@@ -164,6 +165,15 @@ def _warm(args) -> None:  # noqa: ANN001
     arrays = load_arrays(spec.data, seed=spec.seed or 0)
     datasets = make_datasets(arrays, spec.model.batch_size, seed=spec.seed or 0)
     hp = with_shape(sample(optuna_fixed(), spec), arrays)
+    plain_test = None
+    if arrays.has_test:  # the bare script scores its model too, on a pipeline like its val
+        import tensorflow as tf
+
+        from tuner.data import inference_batch_size
+
+        plain_test = tf.data.Dataset.from_tensor_slices((arrays.x_test, arrays.y_test)).cache()
+        plain_test = plain_test.batch(
+            inference_batch_size(spec.model.batch_size, arrays.input_shape)).prefetch(2)
 
     def clocks() -> tuple[float, float]:
         return time.perf_counter(), time.process_time()
@@ -174,6 +184,8 @@ def _warm(args) -> None:  # noqa: ANN001
         model = build_model(hp, spec, seed=spec.seed, scale=arrays.scale)
         model.fit(datasets[0], validation_data=datasets[1], epochs=spec.model.epochs,
                   verbose=0)
+        if plain_test is not None:
+            model.evaluate(plain_test, verbose=0)
         del model
         keras.backend.clear_session(free_memory=False)  # as tuner does between trials
         end = clocks()

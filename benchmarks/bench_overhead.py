@@ -105,6 +105,45 @@ def _warm(url: str, path: Path, artifacts: Path, pairs: int) -> dict[str, list[f
                    url, "--artifacts", str(artifacts), "--warm", str(pairs)])[2]
 
 
+def _warm_table(warm: dict[str, list[float]]) -> tuple[dict[str, Any], str]:
+    """The per-trial comparison: its figures for the JSON, and its table."""
+    warm_ratio = statistics.median(warm["tuner"]) / statistics.median(warm["bare"])
+    cpu_ratio = statistics.median(warm["tuner_cpu"]) / statistics.median(warm["bare_cpu"])
+    pair_ratios = [t / b for b, t in zip(warm["bare"], warm["tuner"], strict=True)]
+    low, high = ratio_interval(warm["bare"], warm["tuner"])
+    rows = [(f"pair {i + 1}", b, t, t / b, bc, tc, tc / bc, "") for i, (b, t, bc, tc) in
+            enumerate(zip(warm["bare"], warm["tuner"], warm["bare_cpu"], warm["tuner_cpu"],
+                          strict=True))]
+    rows += [("median", statistics.median(warm["bare"]), statistics.median(warm["tuner"]),
+              warm_ratio, statistics.median(warm["bare_cpu"]),
+              statistics.median(warm["tuner_cpu"]), cpu_ratio, "<= 1.05"),
+             ("median of the pairs' ratios", "", "", statistics.median(pair_ratios), "", "",
+              "", ""),
+             ("95 % interval of b/a (pairs resampled)", "", "", f"{low:.3f} - {high:.3f}",
+              "", "", "", "")]
+    figures = {"warm_ratio": warm_ratio, "warm": warm, "warm_cpu_ratio": cpu_ratio,
+               "warm_pair_ratio_median": statistics.median(pair_ratios),
+               "warm_ratio_interval": [low, high], "goal_met": warm_ratio <= 1.05}
+    return figures, table(["warm worker, per trial", "bare fit s", "tuner trial s", "b/a",
+                           "bare CPU s", "tuner CPU s", "CPU b/a", "goal"], rows)
+
+
+def _warm_only(args: Any, epochs: int, limit: int | None, batch: int) -> None:
+    """The warm comparison on a study with a test part (``--test-split``)."""
+    search = {k: repr(v) for k, v in FIXED.items()}
+    pairs = 2 if args.quick else args.warm_pairs
+    with throwaway_database("tuner_bench_overhead") as url, \
+            tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        path = study_file(Path(tmp), "warm", n_trials=pairs + 2, epochs=epochs,
+                          pruner="none", sampler="random", seed=SEED, patience=epochs,
+                          batch_size=batch, limit=limit, search=search,
+                          test_split=args.test_split)
+        warm = _warm(url, path, Path(tmp) / "artifacts", pairs)
+    figures, t4 = _warm_table(warm)
+    write_result(args, "overhead-test-split", {**figures, "test_split": args.test_split,
+                 "epochs": epochs, "fixed": FIXED, "batch_size": batch, "limit": limit}, [t4])
+
+
 def ratio_interval(bare: list[float], tuner: list[float], draws: int = 4000,
                    seed: int = 0) -> tuple[float, float]:
     """95 % interval of the ratio of medians, the pairs resampled (bootstrap): how far the
@@ -120,10 +159,16 @@ def ratio_interval(bare: list[float], tuner: list[float], draws: int = 4000,
 
 
 def main() -> None:
-    args = parse_args(__doc__, lambda p: (p.add_argument("--repeats", type=int),
-                                          p.add_argument("--warm-pairs", type=int, default=11)))
+    args = parse_args(__doc__, lambda p: (
+        p.add_argument("--repeats", type=int),
+        p.add_argument("--warm-pairs", type=int, default=11),
+        p.add_argument("--test-split", type=float,
+                       help="hold out this fraction as a test part, which every completed "
+                            "trial (and the bare fit) is scored on; the warm worker only")))
     epochs, repeats, limit, batch = (2, 1, 300, 64) if args.quick else (20, 3, None, 64)
     repeats = args.repeats or repeats
+    if args.test_split:
+        return _warm_only(args, epochs, limit, batch)
     search = {k: repr(v) for k, v in FIXED.items()}
     check = _child(_bare_cmd(1, batch, limit, check=True))[2]
     if not check["identical"]:
@@ -196,30 +241,11 @@ def main() -> None:
                  int(statistics.median(sum(p["sql_count"].values()) for p in probes)),
                  1000 * statistics.median(sum(p["sql_seconds"].values()) for p in probes)))
     t3 = table(["phase", "bare s", "tuner s", "extra s", "SQL round trips", "SQL ms"], rows)
-    warm_ratio = statistics.median(warm["tuner"]) / statistics.median(warm["bare"])
-    cpu_ratio = statistics.median(warm["tuner_cpu"]) / statistics.median(warm["bare_cpu"])
-    pair_ratios = [t / b for b, t in zip(warm["bare"], warm["tuner"], strict=True)]
-    low, high = ratio_interval(warm["bare"], warm["tuner"])
-    t4 = table(["warm worker, per trial", "bare fit s", "tuner trial s", "b/a",
-                "bare CPU s", "tuner CPU s", "CPU b/a", "goal"],
-               [(f"pair {i + 1}", b, t, t / b, bc, tc, tc / bc, "") for i, (b, t, bc, tc) in
-                enumerate(zip(warm["bare"], warm["tuner"], warm["bare_cpu"], warm["tuner_cpu"],
-                              strict=True))]
-               + [("median", statistics.median(warm["bare"]), statistics.median(warm["tuner"]),
-                   warm_ratio, statistics.median(warm["bare_cpu"]),
-                   statistics.median(warm["tuner_cpu"]), cpu_ratio, "<= 1.05"),
-                  ("median of the pairs' ratios", "", "", statistics.median(pair_ratios), "",
-                   "", "", ""),
-                  ("95 % interval of b/a (pairs resampled)", "", "",
-                   f"{low:.3f} - {high:.3f}", "", "", "", "")])
-    write_result(args, "overhead", {"warm_ratio": warm_ratio, "warm": warm,
+    figures, t4 = _warm_table(warm)
+    write_result(args, "overhead", {**figures,
         "epochs": epochs, "repeats": repeats, "fixed": FIXED, "batch_size": batch,
         "limit": limit, "wall_ratio": wall_ratio, "fit_ratio": fit_ratio,
-        "warm_cpu_ratio": cpu_ratio,
-        "warm_pair_ratio_median": statistics.median(pair_ratios),
-        "warm_ratio_interval": [low, high],
-        "goal_met": warm_ratio <= 1.05, "bare": bare_runs, "tuner": tuner_runs,
-        "probes": probes}, [t1, t2, t3, t4])
+        "bare": bare_runs, "tuner": tuner_runs, "probes": probes}, [t1, t2, t3, t4])
 
 
 if __name__ == "__main__":
