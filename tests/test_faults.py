@@ -316,6 +316,8 @@ def test_eight_workers_share_one_budget(tmp_path: Path, pg_url: str,
     per_worker = [sum(line.startswith("[cpu] trial") for line in w.stdout.splitlines())
                   for w in workers]
     assert sum(per_worker) == len(trials)
+    # README, "Database connections": at most 4 a trial process, a parent's one at its start
+    assert 8 <= peak[0] <= 8 * 4 + 8, f"peak connections {peak[0]}"
     print(f"\n[8 workers] {sum(t.state.name == 'COMPLETE' for t in trials)} finished of a "
           f"budget of {n_trials}, {len(trials)} trials in all, numbers "
           f"{sorted(t.number for t in trials)}; trials per worker {per_worker}; peak "

@@ -267,11 +267,28 @@ def test_sampled_names_and_per_transform_ranges() -> None:
     assert trial.distributions["l2"].log and trial.distributions["learning_rate"].log
 
 
-def test_user_model_function_family(arrays) -> None:
+def test_user_model_function_family(arrays, tmp_path) -> None:
+    """The trial trains the user's network, built with the sampled dropout and L2."""
     spec = spec_for({"dropout": 0.2, "l2": 1e-4}, family="user_models:tiny")
+    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path))
     study = optuna.create_study()
-    result = run_trial(study.ask(), spec, arrays, make_datasets(arrays, 64))
+    trial = study.ask()
+    result = run_trial(trial, spec, arrays, make_datasets(arrays, 64), store)
     assert np.isfinite(result.val_loss)
+    saved = tmp_path / "model.keras"
+    saved.write_bytes((tmp_path / trial.user_attrs["model_artifact"]).read_bytes())
+    layers = _flat(keras.models.load_model(saved).layers)
+    dense = [layer for layer in layers if isinstance(layer, keras.layers.Dense)]
+    assert [layer.units for layer in dense] == [16, 10]  # user_models.tiny, not the MLP
+    assert dense[0].kernel_regularizer.get_config()["l2"] == pytest.approx(1e-4)
+    assert [layer.rate for layer in layers if isinstance(layer, keras.layers.Dropout)] == [0.2]
+
+
+def _flat(layers: list) -> list:
+    out = []
+    for layer in layers:
+        out += _flat(layer.layers) if hasattr(layer, "layers") else [layer]
+    return out
 
 
 def test_the_workers_recorder_writes_what_optuna_and_the_pruner_read(arrays, any_url) -> None:
