@@ -115,6 +115,41 @@ def test_confirmation_is_queued_once_however_many_ask(tmp_path: Path, pg_url: st
     assert repeat.returncode == 0 and "already confirmed" in repeat.stdout
 
 
+class _PruneFromTrialTwo(optuna.pruners.BasePruner):
+    """Prunes every trial numbered 2 or more at the first epoch it is asked."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.number >= 2
+
+
+def test_a_confirm_run_trains_to_the_end_where_a_search_trial_is_pruned(
+        tmp_path: Path, pg_url: str) -> None:
+    """The same pruner that stops a search trial never stops a confirm run: its mean must be
+    of whole runs. Each run retrains its configuration's parameters with another seed."""
+    from tuner import confirm
+    from tuner import study as studies
+    from tuner.spec import load_spec
+    from tuner.storage import open_storage
+    from tuner.worker import work
+
+    path = write_study(tmp_path, "whole", n_trials=3, epochs=3, pruner="median", patience=3)
+    storage = open_storage(pg_url)
+    studies.create_or_resume(load_spec(path), storage, str(tmp_path / "artifacts"))
+    study, spec = studies.load("whole", storage)
+    study.pruner = _PruneFromTrialTwo()
+    work(storage, study, spec)
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert confirm.queue(study, storage, top=2, seeds=1).added == 2
+    work(storage, study, spec)
+    trials = study.get_trials()
+    runs = [t for t in trials if "tuner:confirms" in t.system_attrs]
+    assert [t.number for t in runs] == [3, 4]
+    for run in runs:
+        origin = trials[run.system_attrs["tuner:confirms"]]
+        assert run.state.name == "COMPLETE" and run.user_attrs["epochs_run"] == 3
+        assert run.params == origin.params and run.value != origin.value
+
+
 _CONFIRM_KILLED_HALFWAY = """
 import os, sys, optuna
 from tuner import confirm
