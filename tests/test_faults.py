@@ -8,6 +8,7 @@ numbers a closing note needs are printed (run with ``-s`` to see them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -352,30 +353,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def private_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, int]]:
-    """A throw-away PostgreSQL cluster this test may stop and start at will."""
+@contextlib.contextmanager
+def _private_cluster(root: Path, superuser_password: str | None = None
+                     ) -> Iterator[tuple[str, Path, int]]:
+    """A throw-away PostgreSQL cluster on a port of its own; with ``superuser_password``, TCP
+    connections must give their role's password (scram-sha-256), as on a real server."""
     if not (PG_BIN / "initdb").exists() or shutil.which("runuser") is None:
         pytest.skip("needs PostgreSQL 15 server binaries and runuser")
-    root = tmp_path_factory.mktemp("pg")
     os.chmod(root, 0o777)
     for parent in root.parents:  # postgres must be able to reach its data directory
         if str(parent).startswith("/tmp/"):
             os.chmod(parent, os.stat(parent).st_mode | 0o711)
     data, port = root / "data", _free_port()
-    _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+    auth = ["-A", "trust"]
+    if superuser_password is not None:
+        (root / "pwfile").write_text(superuser_password + "\n")
+        auth = ["--auth-local", "trust", "--auth-host", "scram-sha-256",
+                f"--pwfile={root / 'pwfile'}"]
+    _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), *auth, "-U", "postgres",
                  "--no-sync")
     _pg_ctl(data, port, "start")
-    engine = sqlalchemy.create_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres",
+    login = "postgres" if superuser_password is None else f"postgres:{superuser_password}"
+    engine = sqlalchemy.create_engine(f"postgresql+psycopg2://{login}@127.0.0.1:{port}/postgres",
                                       isolation_level="AUTOCOMMIT",
                                       poolclass=sqlalchemy.pool.NullPool)
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text("CREATE DATABASE tuner"))
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/tuner", data, port
+        yield f"postgresql+psycopg2://{login}@127.0.0.1:{port}/tuner", data, port
     finally:
         subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D",
                         str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def private_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, int]]:
+    """A throw-away PostgreSQL cluster this test may stop and start at will."""
+    with _private_cluster(tmp_path_factory.mktemp("pg")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def password_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throw-away cluster that checks passwords (the shared one trusts every connection)."""
+    with _private_cluster(tmp_path_factory.mktemp("pgpw"), "Super-pw-1234") as (url, _, _):
+        yield url
 
 
 def test_database_restart_mid_study(tmp_path: Path, private_pg: tuple[str, Path, int],
@@ -481,49 +503,57 @@ def _command_lines(pid: int) -> list[str]:
     return out.splitlines()
 
 
-def test_password_never_shows(tmp_path: Path, pg_url: str, workers: list[Worker]) -> None:
-    parsed = sqlalchemy.engine.make_url(pg_url)
-    engine = sqlalchemy.create_engine(pg_url, poolclass=sqlalchemy.pool.NullPool)
-    role = f"tuner_{parsed.database[-12:]}"
+def test_password_never_shows(tmp_path: Path, password_pg: str,
+                              workers: list[Worker]) -> None:
+    """Each way of giving the password reaches the server, which checks it; none shows it."""
+    parsed = sqlalchemy.engine.make_url(password_pg)
+    engine = sqlalchemy.create_engine(password_pg, poolclass=sqlalchemy.pool.NullPool)
+    role = "tuner_user"
     with engine.begin() as conn:
         conn.execute(sqlalchemy.text(f"CREATE ROLE {role} LOGIN PASSWORD '{SECRET}'"))
         conn.execute(sqlalchemy.text(f"GRANT ALL ON SCHEMA public TO {role}"))
     engine.dispose()
     with_password = parsed.set(username=role, password=SECRET).render_as_string(False)
-    without = parsed.set(username=role).render_as_string(False)
+    without = sqlalchemy.engine.URL.create(parsed.drivername, username=role, host=parsed.host,
+                                           port=parsed.port, database=parsed.database
+                                           ).render_as_string(False)
     _create(tmp_path, with_password, "secret", n_trials=1, epochs=1, family="user_models:tiny")
     secret_file = tmp_path / "pw"
     secret_file.write_text(SECRET + "\n")
     ways = {"in the URL": (["--storage", with_password], {}),
             "in a file": (["--storage", without, "--storage-password-file", str(secret_file)], {}),
             "in PGPASSWORD": (["--storage", without], {"PGPASSWORD": SECRET})}
-    try:
-        for way, (flags, env) in ways.items():
-            # the first runs the study's one trial; the others find the budget spent
-            worker = Worker(tmp_path, way[3:], "--study", "secret", "--gpus", "0", *flags,
-                            env=env)
-            workers.append(worker)
-            seen: list[str] = []
-            while worker.proc.poll() is None:
-                seen += _command_lines(worker.proc.pid)
-                time.sleep(0.05)
-            assert worker.proc.returncode == 0, worker.stderr
-            children = [line for line in seen if "--child" in line]
-            assert children, seen  # the child's command line was looked at
-            shown = "\n".join(seen) + worker.stdout + worker.stderr
-            if way != "in the URL":  # the URL flag itself is the user's own command line
-                assert SECRET not in shown, way
-            else:
-                assert SECRET not in "\n".join(children) + worker.stdout + worker.stderr
-        trial = _assert_budget_exact(pg_url, "secret", 1)[0]
-        assert trial.user_attrs["gpu"] == "0"  # the child saw CUDA_VISIBLE_DEVICES=0
-    finally:
-        engine = sqlalchemy.create_engine(pg_url, poolclass=sqlalchemy.pool.NullPool)
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f"DROP OWNED BY {role}"))
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f"DROP ROLE {role}"))
-        engine.dispose()
+    for way, (flags, env) in ways.items():
+        # the first runs the study's one trial; the others find the budget spent
+        worker = Worker(tmp_path, way[3:], "--study", "secret", "--gpus", "0", *flags,
+                        env=env)
+        workers.append(worker)
+        seen: list[str] = []
+        while worker.proc.poll() is None:
+            seen += _command_lines(worker.proc.pid)
+            time.sleep(0.05)
+        assert worker.proc.returncode == 0, (way, worker.stderr)
+        children = [line for line in seen if "--child" in line]
+        assert children, seen  # the child's command line was looked at
+        shown = "\n".join(seen) + worker.stdout + worker.stderr
+        if way != "in the URL":  # the URL flag itself is the user's own command line
+            assert SECRET not in shown, way
+        else:
+            assert SECRET not in "\n".join(children) + worker.stdout + worker.stderr
+    trial = _assert_budget_exact(with_password, "secret", 1)[0]
+    assert trial.user_attrs["gpu"] == "0"  # the child saw CUDA_VISIBLE_DEVICES=0
+    # the server does check: no password, or a wrong one, is refused in one line
+    (tmp_path / "wrong").write_text("not-" + SECRET + "\n")
+    for flags, why in ((["--storage", without], "no password supplied"),
+                       (["--storage", without, "--storage-password-file",
+                         str(tmp_path / "wrong")], "password authentication failed")):
+        refused = run_tuner("status", "--study", "secret", *flags)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and why in lines[0], lines
+        assert lines[0].endswith("give the password in the URL, in $PGPASSWORD or with "
+                                 "--storage-password-file")
+        assert SECRET not in refused.stdout + refused.stderr
 
     unreachable = run_tuner("worker", "--study", "x", "--storage",
                             f"postgresql+psycopg2://u:{SECRET}@127.0.0.1:1/db")

@@ -85,8 +85,11 @@ def open_engine(url: str) -> sqlalchemy.Engine:
 
 def unreachable(url: str, exc: BaseException) -> RuntimeFailure:
     """The one-line failure for a database that cannot be used, password masked."""
-    return RuntimeFailure(f"cannot open storage {mask(url)}: "
-                          f"{_first_line(exc, parse_url(url).password)}")
+    text = _first_line(exc, parse_url(url).password)
+    if "no password supplied" in text or "password authentication failed" in text:
+        text += ("; give the password in the URL, in $PGPASSWORD or with "
+                 "--storage-password-file")
+    return RuntimeFailure(f"cannot open storage {mask(url)}: {text}")
 
 
 def retry_interval(attempt: int) -> float:
