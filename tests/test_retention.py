@@ -181,3 +181,28 @@ def test_bad_keep_models_is_one_line(tmp_path: Path, value: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "[study] keep_models" in lines[0] and '"all"' in lines[0]
     assert not (tmp_path / "x.db").exists()
+
+
+def test_running_workers_follow_a_lowered_keep_models(tmp_path: Path, pg_url: str,
+                                                     workers: list[Worker]) -> None:  # noqa: F811
+    """keep_models changes as a budget does: `tuner create` with the new value, and a worker
+    already running keeps only the new K once its next trial is done."""
+    artifacts = tmp_path / "models"
+    study = write_study(tmp_path, "lower", n_trials=8, epochs=2, family="user_models:slow",
+                        extra_study="keep_models = 3")
+    assert cli("create", str(study), "--storage", pg_url, "--artifacts",
+               str(artifacts)).returncode == 0
+    workers.append(Worker(tmp_path, "a", "--study", "lower", "--gpus", "none", storage=pg_url))
+    deadline = time.monotonic() + 300
+    while sum(t.state.name == "COMPLETE" for t in _trials(pg_url, "lower")) < 3:
+        assert workers[0].proc.poll() is None and time.monotonic() < deadline, \
+            workers[0].stderr
+        time.sleep(0.2)
+    study.write_text(study.read_text().replace("keep_models = 3", "keep_models = 1"))
+    assert cli("create", str(study), "--storage", pg_url).returncode == 0
+    assert workers[0].wait() == 0, workers[0].stderr
+    complete = [t for t in _trials(pg_url, "lower") if t.state.name == "COMPLETE"]
+    assert len(complete) == 8  # the change came with trials still to run
+    best = min(complete, key=lambda t: t.value)
+    assert sorted(p.name for p in artifacts.iterdir()) == [best.user_attrs["model_artifact"]]
+    assert [t.number for t in complete if t.user_attrs.get("model_artifact")] == [best.number]

@@ -81,6 +81,7 @@ class Budget:
     seconds: float | None = None
     clock_started: float | None = None  # UTC seconds of the first claim
     trial_timeout: float | None = None  # not a limit on the study: on each trial it starts
+    keep_models: int | None = 5  # nor this: how many models the study keeps (None: all)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], clock_started: float | None = None,
@@ -95,7 +96,7 @@ class Budget:
         if extra and epochs is not None:
             epochs += extra * int(spec.get("model", {}).get("epochs", 0))
         return cls(n, epochs, spec.get("time_budget"), clock_started,
-                   spec.get("trial_timeout"))
+                   spec.get("trial_timeout"), spec.get("keep_models", 5))
 
     def describe(self) -> str:
         """``24 trials``, ``600 epochs`` or ``8h``, the way a user wrote the budget."""
@@ -175,6 +176,7 @@ class Claimed:
     trial: optuna.Trial
     trial_id: int
     timeout: float | None = None  # the study's trial_timeout when it was claimed
+    keep_models: int | None = 5  # the study's keep_models then (None: every model)
 
     @property
     def confirms(self) -> int | None:
@@ -241,7 +243,7 @@ class Claimer:
                 continue  # decide again, under the lock
             if trial_id is not None:
                 trial = retry_on_disconnect(self.storage, lambda i=trial_id: self._trial(i))
-                return Claimed(trial, trial_id, budget.trial_timeout)
+                return Claimed(trial, trial_id, budget.trial_timeout, budget.keep_models)
             if verdict.decision is Decision.STOP:
                 return verdict
             wait(POLL_SECONDS)

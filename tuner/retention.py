@@ -35,6 +35,12 @@ class Retention:
         # K may have been lowered since the models there were saved.
         self._saved = True
 
+    def follow(self, keep: int | None) -> None:
+        """Take the study's ``keep_models`` as read at a claim: a user may change it under
+        running workers, as a budget. A new K is applied at this worker's next prune."""
+        if keep != self.keep:
+            self.keep, self._saved = keep, True
+
     def qualifies(self, value: float) -> bool:
         """Whether a trial that just reached ``value`` is among the best K."""
         if self.keep is None:

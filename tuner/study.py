@@ -29,8 +29,8 @@ def create_or_resume(spec: StudySpec, storage: RDBStorage,
     the study with the spec's sampler and pruner.
 
     A changed budget (``n_trials``, ``epoch_budget``, ``time_budget``, ``trial_timeout``) or
-    ``keep_models`` is taken as the new setting, and running workers obey it at their next
-    claim (budgets) or trial (``keep_models``, read when a worker starts); any other change
+    ``keep_models`` is taken as the new setting, and running workers obey it from their next
+    claim (a lowered ``keep_models`` once their next trial is done); any other change
     is a user error, since mixing two search spaces in one study would corrupt the sampler's
     history.
     """

@@ -150,6 +150,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                 retention.clear_failed()  # models of trials whose workers were killed
                 return Summary(ran, claimed.reason)
             trial = claimed.trial
+            retention.follow(claimed.keep_models)
             confirming = claimed.confirms is not None  # a confirm run: to the end, model kept
             ran += 1
             if ran % GC_EVERY == 0:
