@@ -38,11 +38,19 @@ def _inverted_test_source(tmp_path: Path) -> Path:
 
 def test_the_test_split_never_chooses(tmp_path: Path, pg_url: str) -> None:
     source = _inverted_test_source(tmp_path)
-    study = write_study(tmp_path, "honest", n_trials=5, epochs=3, source=f"npz:{source}",
-                        limit=None, l2="[1e-6, 1e-1]", dropout="[0.0, 0.6]")
+    # pruning and early stopping at work too: they see validation only, never the test
+    study = write_study(tmp_path, "honest", n_trials=6, epochs=5, source=f"npz:{source}",
+                        limit=None, l2="[1e-6, 1e-1]", dropout="[0.0, 0.6]",
+                        pruner="median", patience=2, extra_study="pruner_warmup = 0")
     run = run_tuner("run", str(study), "--storage", pg_url, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    trials = [t for t in _trials(pg_url, "honest") if t.state.name == "COMPLETE"]
+    everything = _trials(pg_url, "honest")
+    for t in everything:  # each epoch reported is the validation curve's, and nothing else
+        assert list(t.intermediate_values.values()) == pytest.approx(
+            t.user_attrs["curve"]["val_loss"], rel=1e-5)
+    assert all("test_loss" not in t.user_attrs for t in everything
+               if t.state.name == "PRUNED")  # scored once, and only when complete
+    trials = [t for t in everything if t.state.name == "COMPLETE"]
     by_val = min(trials, key=lambda t: t.value)
     by_test = min(trials, key=lambda t: t.user_attrs["test_loss"])
     assert by_val.number != by_test.number  # the data makes them disagree
