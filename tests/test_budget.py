@@ -276,13 +276,38 @@ def test_a_tell_and_a_sweep_never_both_win(any_url: str) -> None:
     study = _new_study(storage, None)
     judge = Claimer(optuna.load_study(study_name=study.study_name, storage=judge_storage),
                     judge_storage)
-    for _ in range(25):
+
+    def stalled() -> Claimed:
         claimed = Claimer(study, storage).claim()
         claimed.trial.suggest_float("x", 0, 1)
         with storage.engine.begin() as conn:  # its worker stalled: the heartbeat is old
             conn.execute(sqlalchemy.text(
                 "UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' "
                 "WHERE trial_id = :t"), {"t": claimed.trial_id})
+        return claimed
+
+    def requeued_for(claimed: Claimed) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in study.get_trials(deepcopy=False)
+                if t.system_attrs.get("failed_trial") == claimed.trial.number]
+
+    # each order on its own: the sweep first, then the tell (the sweep wins) ...
+    claimed = stalled()
+    judge.sweep()
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        Claimer(study, storage).tell(claimed.trial, 0.5)
+    assert storage.get_trial(claimed.trial_id).state == TrialState.FAIL
+    assert len(requeued_for(claimed)) == 1
+    Claimer(study, storage).claim()  # take the rerun
+    study.tell(requeued_for(claimed)[0].number, 0.5)
+    # ... and the tell first, then the sweep (the tell wins)
+    claimed = stalled()
+    Claimer(study, storage).tell(claimed.trial, 0.5)
+    judge.sweep()
+    assert storage.get_trial(claimed.trial_id).state == TrialState.COMPLETE
+    assert not requeued_for(claimed)
+    # then both at once, many times
+    for _ in range(25):
+        claimed = stalled()
         told: list[bool] = []
         start = threading.Barrier(2)
 
@@ -301,8 +326,7 @@ def test_a_tell_and_a_sweep_never_both_win(any_url: str) -> None:
         judge.sweep()
         teller.join()
         state = storage.get_trial(claimed.trial_id).state
-        requeued = [t for t in study.get_trials(deepcopy=False)
-                    if t.system_attrs.get("failed_trial") == claimed.trial.number]
+        requeued = requeued_for(claimed)
         if told[0]:
             assert state == TrialState.COMPLETE and not requeued
         else:
