@@ -444,6 +444,32 @@ def test_database_restart_mid_study(tmp_path: Path, private_pg: tuple[str, Path,
     print(f"[PostgreSQL restart] states before {before}; after: {states}")
 
 
+def test_an_outage_longer_than_the_retry_window_stops_the_worker_in_one_line(
+        tmp_path: Path, private_pg: tuple[str, Path, int], workers: list[Worker]) -> None:
+    """Past $TUNER_DB_RETRY_SECONDS the worker gives up waiting: one line that says why, exit
+    1, no traceback and no restart; its trial is still RUNNING, for a sweep to retry."""
+    url, data, port = private_pg
+    _create(tmp_path, url, "outage", n_trials=4, epochs=10, patience=10,
+            family="user_models:slow")
+    worker = Worker(tmp_path, "w", "--study", "outage", "--gpus", "none", storage=url,
+                    env={"TUNER_DB_RETRY_SECONDS": "3"})
+    workers.append(worker)
+    _wait_for("a trial mid-training", lambda: any(
+        t.state.name == "RUNNING" and t.intermediate_values for t in _trials(url, "outage")),
+        workers=[worker])
+    _pg_ctl(data, port, "stop")
+    try:
+        assert worker.wait(timeout=120) == 1, worker.stdout + worker.stderr
+    finally:
+        _pg_ctl(data, port, "start")
+    errors = [line for line in worker.stderr.splitlines() if line.startswith("tuner: error:")]
+    assert errors == ["tuner: error: [cpu] the database was unreachable for more than 3 s "
+                      "($TUNER_DB_RETRY_SECONDS): connection to server at \"127.0.0.1\", "
+                      f"port {port} failed: Connection refused"], worker.stderr
+    assert "Traceback" not in worker.stderr and "restarting" not in worker.stdout
+    assert [t.state.name for t in _trials(url, "outage")] == ["RUNNING"]
+
+
 def test_a_sweep_that_waits_out_an_outage_judges_no_trial_dead(
         private_pg: tuple[str, Path, int], monkeypatch: pytest.MonkeyPatch) -> None:
     """The outage begins just after a sweep decided it may judge others, and ends once every

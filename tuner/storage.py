@@ -119,8 +119,13 @@ def retry_on_disconnect(storage: RDBStorage, action: Callable[[], Any],
             raise
         except (sa_exc.OperationalError, sa_exc.InterfaceError,
                 optuna.exceptions.StorageInternalError) as exc:
-            if not is_disconnect(exc) or time.monotonic() > deadline:
+            if not is_disconnect(exc):
                 raise
+            if time.monotonic() > deadline:
+                raise DatabaseGone(
+                    f"the database was unreachable for more than "
+                    f"{settings.db_retry_seconds():g} s ($TUNER_DB_RETRY_SECONDS): "
+                    f"{_first_line(exc, None)}") from exc
             if attempt == 0:
                 _log.warning("database unreachable (%s); retrying", _first_line(exc, None))
             elif attempt % 10 == 0:
@@ -132,6 +137,11 @@ def retry_on_disconnect(storage: RDBStorage, action: Callable[[], Any],
         if attempt and isinstance(storage, ResilientRDBStorage):
             storage.last_recovered = time.monotonic()
         return result
+
+
+class DatabaseGone(RuntimeFailure):
+    """The database stayed unreachable past ``$TUNER_DB_RETRY_SECONDS``: the worker stops with
+    one line (its running trial is retried via the heartbeat once the database is back)."""
 
 
 def is_disconnect(exc: BaseException) -> bool:

@@ -38,7 +38,7 @@ from tuner.render import duration, no_gpu_seen, waiting
 from tuner.retention import Retention
 from tuner.settings import artifacts_dir
 from tuner.spec import StudySpec
-from tuner.storage import retry_on_disconnect
+from tuner.storage import DatabaseGone, retry_on_disconnect
 
 _log = logging.getLogger("tuner.worker")
 MAX_FAILURES_IN_A_ROW = 5
@@ -191,6 +191,8 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                                  "unreachable; its parameters are queued again", trial.number)
                     _drop_model(retention, claimed, completed)
                     continue
+                except DatabaseGone:
+                    raise  # nothing can be recorded: its heartbeat stops, and it is retried
                 except (Exception, TrialTimedOut) as exc:  # noqa: BLE001 - recorded, not fatal
                     if signals.received is not None:
                         # Stopping: whatever else ended the trial meanwhile, it is given back.
