@@ -123,8 +123,18 @@ def test_signals_reach_a_worker_that_waits_for_a_slot(tmp_path: Path, pg_url: st
     status = run_tuner("status", "--study", "busy", "--storage", pg_url, "--json")
     shown = json.loads(status.stdout)["studies"][0]["running"][0]
     assert shown["epoch"] >= 1 and 0 <= shown["last_epoch_age_s"] < 30, shown
-    busy.proc.send_signal(signal.SIGTERM)
-    assert busy.wait(60) == 0
+
+    # kill -9 of the parent of a training child: the child gives its trial back at once,
+    # as on SIGTERM, rather than leaving it for a sweep after the grace period
+    sent = time.monotonic()
+    busy.proc.kill()
+    busy.proc.wait(timeout=10)
+    _wait_for("the orphaned training child to give its trial back",
+              lambda: [t.state.name for t in _trials(pg_url, "busy")] == ["FAIL", "WAITING"],
+              timeout=30)
+    print(f"[training worker] kill -9 of its parent: trial given back in "
+          f"{time.monotonic() - sent:.1f}s")
+    assert _trials(pg_url, "busy")[0].user_attrs["fail_reason"].startswith("interrupted")
 
 
 def test_sigterm_while_a_worker_starts_up_stops_it_cleanly(tmp_path: Path, pg_url: str) -> None:
