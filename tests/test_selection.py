@@ -119,6 +119,26 @@ def test_confirmation_is_queued_once_however_many_ask(tmp_path: Path, pg_url: st
     assert all(len(c["runs"]) == 3 for c in confirmed["configs"])
     means = [c["val_loss_mean"] for c in confirmed["configs"]]
     assert means == sorted(means) and confirmed["winner"] == confirmed["configs"][0]
+    # the text says the same, and the export takes the winner's best run
+    text = run_tuner("best", "--study", "conf", "--storage", pg_url,
+                     "--export-model", str(tmp_path / "winner.keras")).stdout
+    winner = confirmed["winner"]
+    assert "Confirm step: the top 2 configurations, each retrained with 2 new seeds" in text
+    assert (f"Confirmed winner: the configuration of trial #{winner['trial']}, val_loss "
+            f"{winner['val_loss_mean']:.4f} ± ") in text, text
+    runs_by_number = {t.number: t for t in trials}
+    best_run = min((runs_by_number[n] for n in winner["runs"]
+                    if runs_by_number[n].user_attrs.get("model_artifact")),
+                   key=lambda t: t.value)
+    import keras
+
+    from tuner.data import load_arrays
+    from tuner.spec import load_spec
+
+    arrays = load_arrays(load_spec(study).data)
+    model = keras.models.load_model(tmp_path / "winner.keras")
+    val = model.evaluate(arrays.x_val, arrays.y_val, verbose=0, return_dict=True)
+    assert val["xent"] == pytest.approx(best_run.value, rel=1e-4)
     repeat = _confirm(pg_url)
     assert repeat.returncode == 0 and "already confirmed" in repeat.stdout
 
