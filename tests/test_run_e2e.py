@@ -66,30 +66,39 @@ def test_rerun_resumes_the_same_study(tmp_path: Path, pg_url: str) -> None:
 
 
 def test_interrupted_run_resumes_and_keeps_finished_trials(tmp_path: Path, pg_url: str) -> None:
-    path = write_study(tmp_path, "ctrlc", n_trials=3, epochs=3, limit=None)
+    """Ctrl-C in the middle of the second trial: the first stays, the second is given back
+    (reason ``interrupted``) and the next `tuner run` trains its parameters again."""
+    path = write_study(tmp_path, "ctrlc", n_trials=3, epochs=8, patience=8,
+                       family="user_models:slow")
     proc = subprocess.Popen([*TUNER, "run", str(path), "--storage", pg_url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stdout is not None
-    for line in proc.stdout:  # wait until one trial is finished and the next has started
-        if line.startswith("trial "):
-            break
-    time.sleep(1.5)
+                            env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                 "PYTHONPATH": str(Path(__file__).parent)})
+    deadline = time.monotonic() + 300
+    while not any(t.number == 1 and t.state.name == "RUNNING" and t.intermediate_values
+                  for t in _trials(pg_url, "ctrlc", missing_ok=True)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "run the same command to resume" in out
-    study = optuna.load_study(study_name="ctrlc", storage=pg_url)
-    states = [t.state.name for t in study.trials]
-    assert states.count("COMPLETE") >= 1 and "RUNNING" not in states
+    trials = _trials(pg_url, "ctrlc")
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
+    assert trials[1].user_attrs["fail_reason"] == "interrupted"
+    assert trials[2].params == trials[1].params  # queued again
 
-    again = run_tuner("run", str(path), "--storage", pg_url)
+    again = run_tuner("run", str(path), "--storage", pg_url,
+                      env={"PYTHONPATH": str(Path(__file__).parent)})
     assert again.returncode == 0, again.stderr
-    study = optuna.load_study(study_name="ctrlc", storage=pg_url)
-    finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
-    assert len(finished) == 3
-    interrupted = [t for t in study.trials if t.state.name == "FAIL"]
-    assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in interrupted), [
-        (t.number, t.user_attrs) for t in interrupted]
+    trials = _trials(pg_url, "ctrlc")
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[2].params == trials[1].params
+
+
+def _trials(url: str, name: str, missing_ok: bool = False) -> list[optuna.trial.FrozenTrial]:
+    if missing_ok and name not in optuna.get_all_study_names(storage=url):
+        return []
+    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
 
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path: Path,
