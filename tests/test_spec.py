@@ -78,11 +78,15 @@ def test_spec_round_trips_through_json_form() -> None:
     (minimal(search={"dropout": [-0.1, 0.5]}), "[search] dropout: -0.1 is out of range"),
     (minimal(search={"dropout": [[0, 0.5], [0, 1.2]]}), "[search] dropout[1]: 1.2 is out of range"),
     (minimal(search={"l2": [0, 1e-2]}), "[search] l2: bounds must be > 0 on a log scale"),
-    (minimal(search={"learning_rate": [0, 1e-2]}), "[search] learning_rate: bounds must be > 0"),
+    (minimal(search={"learning_rate": [0, 1e-2]}), "[search] learning_rate: 0.0 is out of range: "
+     "must be > 0"),  # no hint to give 0: a learning rate of 0 trains nothing
+    (minimal(search={"learning_rate": 0}), "[search] learning_rate: 0.0 is out of range"),
     (minimal(search={"augment": [0, 1.5]}), "[search] augment: 1.5 is out of range"),
     (minimal(search={"augment": {"shear": [0, 1]}}), "[search.augment] shear: unknown key"),
     ({"study": {"name": "s", "sampler": "grid"}}, "[study] sampler: unknown sampler 'grid'"),
     ({"study": {"name": "s", "pruner": "wilcoxon"}}, "[study] pruner: unknown pruner 'wilcoxon'"),
+    ({"study": {"name": "s", "pruner_warmup": 8}, "model": {"epochs": 8}},
+     "[study] pruner_warmup: 8 epochs of warm-up in trials of 8 ([model] epochs) leave no epoch"),
     (minimal(model={"family": "resnet"}), "[model] family: unknown model family 'resnet'"),
     (minimal(data={"source": "mnist"}), "[data] source: unknown data source 'mnist'"),
     (minimal(data={"source": "keras:svhn"}), "[data] source: unknown keras dataset 'svhn'"),

@@ -177,16 +177,22 @@ def parse_spec(raw: dict[str, Any], where: str = "<study>") -> StudySpec:
     time_budget = p.duration(study, "study", "time_budget")
     # Without another budget a study stops after 20 trials; with one, n_trials is optional.
     default_trials = 20 if epoch_budget is None and time_budget is None else None
+    pruner = p.choice(study, "study", "pruner", "median", PRUNERS)
+    warmup = p.integer(study, "study", "pruner_warmup", None, minimum=0)
+    if warmup is not None and warmup >= epochs and pruner != "none":
+        p.fail("study", "pruner_warmup", f"{warmup} epochs of warm-up in trials of {epochs} "
+               "([model] epochs) leave no epoch at which to stop a trial early: lower it, or "
+               "set pruner = \"none\"")
     return StudySpec(
         name=name,
         n_trials=p.integer(study, "study", "n_trials", default_trials, minimum=1),
         epoch_budget=epoch_budget,
         time_budget=time_budget,
         trial_timeout=p.duration(study, "study", "trial_timeout"),
-        pruner_warmup=p.integer(study, "study", "pruner_warmup", None, minimum=0),
+        pruner_warmup=warmup,
         keep_models=_keep_models(p, study),
         sampler=p.choice(study, "study", "sampler", "tpe", SAMPLERS),
-        pruner=p.choice(study, "study", "pruner", "median", PRUNERS),
+        pruner=pruner,
         # a trial's seed is this plus its number, and NumPy's seeds stop at 2**32 - 1
         seed=p.integer(study, "study", "seed", None, minimum=0, maximum=2**31 - 1),
         data=DataSpec(
@@ -278,7 +284,7 @@ def _parse_search(p: _Parser, search: dict[str, Any], family: str) -> SearchSpec
     if not isinstance(flip, bool):
         p.fail("search", "flip", f"expected true or false, got {flip!r}")
     lr = search.get("learning_rate")
-    learning_rate = (p.range(lr, "search", "learning_rate", low=0.0, log=True)
+    learning_rate = (p.range(lr, "search", "learning_rate", low=0.0, open_low=True, log=True)
                      if lr is not None else None)
     return SearchSpec(dropout=dropout, l2=l2, augment=augment, augment_ranges=augment_ranges,
                       flip=flip, learning_rate=learning_rate)
@@ -382,10 +388,11 @@ class _Parser:
         return (value[0], value[1])
 
     def range(self, value: Any, table: str, key: str, low: float | None = None,
-              high: float | None = None, open_high: bool = False, log: bool = False) -> Range:
+              high: float | None = None, open_high: bool = False, log: bool = False,
+              open_low: bool = False) -> Range:
         """A ``[low, high]`` pair, or a single number meaning a fixed value."""
         if isinstance(value, int | float) and not isinstance(value, bool):
-            self._bounds(table, key, float(value), low, high, False, open_high)
+            self._bounds(table, key, float(value), low, high, open_low, open_high)
             return Range(float(value), float(value), log=False)
         if (not isinstance(value, list) or len(value) != 2
                 or not all(isinstance(v, int | float) and not isinstance(v, bool)
@@ -395,8 +402,8 @@ class _Parser:
         if lo > hi:
             self.fail(table, key, f"low {value[0]} is greater than high {value[1]}")
         for bound in (lo, hi):
-            self._bounds(table, key, bound, low, high, False, open_high)
-        if log and lo <= 0:
+            self._bounds(table, key, bound, low, high, open_low, open_high)
+        if log and lo <= 0:  # where 0 is allowed, it means none of it
             self.fail(table, key, f"bounds must be > 0 on a log scale, got {value[0]} (for no "
                       f"{key} at all, give the single number 0)")
         return Range(lo, hi, log=log and lo != hi)
