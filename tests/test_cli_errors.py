@@ -192,6 +192,13 @@ def test_settings_from_the_environment_are_named_as_such(tmp_path: Path) -> None
     assert_one_line(result, 2, "$TUNER_STORAGE: malformed storage URL")
 
 
+def test_an_sqlite_url_with_two_slashes_says_how_many(tmp_path: Path) -> None:
+    result = cli("status", "--storage", "sqlite://tuner.db", cwd=tmp_path)
+    assert_one_line(result, 2, "an SQLite URL has three slashes before a relative path "
+                    "(sqlite:///tuner.db)")
+    assert not list(tmp_path.iterdir())  # nothing created anywhere
+
+
 def test_a_port_that_is_not_a_number(tmp_path: Path) -> None:
     result = cli("status", "--storage", "postgresql+psycopg2://u@h:abc/db")
     assert_one_line(result, 2, "the port must be a number")

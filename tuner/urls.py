@@ -28,6 +28,10 @@ def parse_url(url: str) -> sqlalchemy.engine.URL:
         raise UserError(f"storage URL {_masked_text(url)}: the password contains '@'; write "
                         "it as %40, or give the password with --storage-password-file or "
                         "$PGPASSWORD instead")
+    if parsed.get_backend_name() == "sqlite" and parsed.host:
+        raise UserError(f"storage URL {_masked_text(url)}: an SQLite URL has three slashes "
+                        "before a relative path (sqlite:///tuner.db) and four before an "
+                        "absolute one (sqlite:////data/tuner.db)")
     return parsed
 
 
