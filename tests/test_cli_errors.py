@@ -272,3 +272,16 @@ def test_a_reader_that_goes_away_is_not_an_error(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0, err
     assert err == ""
+
+
+def test_a_confirm_asking_for_too_many_runs_is_refused_before_queuing(tmp_path: Path) -> None:
+    """A typo such as --seeds 100000 would queue runs for hours under the lock every claim
+    takes, and a confirm request cannot be taken back."""
+    url = f"sqlite:///{tmp_path / 'tuner.db'}"
+    assert cli("create", str(write_study(tmp_path, "many")), "--storage", url).returncode == 0
+    result = cli("confirm", "--study", "many", "--storage", url, "--top", "1000",
+                 "--seeds", "100000")
+    assert_one_line(result, 2, "confirm: --top 1000 --seeds 100000 asks for too many runs: at "
+                    "most --top 50 and --seeds 20")
+    study = optuna.load_study(study_name="many", storage=url)
+    assert "confirm" not in study.user_attrs and not study.trials

@@ -263,8 +263,12 @@ def test_what_the_commands_print_at_the_edges() -> None:
     spent = render.no_completed_trial("s", "export", ["PRUNED", "FAIL", "PRUNED"])
     assert "nothing to export; its 2 trials pruned and 1 failed are all it ran" in spent
     assert "wait for a worker" in render.no_completed_trial("s", "show", ["FAIL", "RUNNING"])
-    one = render.confirm_queued("s", Queued(1, 2, [4], 2, added=2))
+    one = render.confirm_queued("s", Queued(1, 2, [4], 2, added=2), (1, 2))
     assert "the best configuration (trial #4), 2 new seeds each" in one
+    again = render.confirm_queued("s", Queued(1, 2, [4], 2), (3, 5))
+    assert again.endswith("--top 3 --seeds 5 were not used: a study is confirmed once (give "
+                          "the search a new study name to confirm afresh).")
+    assert "not used" not in render.confirm_queued("s", Queued(1, 2, [4], 2), (1, 2))
     spent = Budget(seconds=15, clock_started=1000.0).progress(Usage(), now=1026.0)
     assert spent == "0 trials finished, 15s of 15s"
 

@@ -76,8 +76,8 @@ def confirm(opts: argparse.Namespace, out: TextIO) -> int:
 
     storage = open_storage(_existing_url(opts))
     study, _ = studies.load(opts.study, storage)
-    _say(out, render.confirm_queued(opts.study, confirming.queue(study, storage, opts.top,
-                                                                 opts.seeds)))
+    queued = confirming.queue(study, storage, opts.top, opts.seeds)
+    _say(out, render.confirm_queued(opts.study, queued, (opts.top, opts.seeds)))
     return ExitCode.OK
 
 

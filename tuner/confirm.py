@@ -28,6 +28,11 @@ from tuner import attrs
 from tuner.budget import budget_lock
 from tuner.errors import UserError
 
+# Bounds on one confirm request: it is queued once, under the lock every worker's claim takes,
+# and cannot be taken back, so a typo must not queue (or hold up workers for) 10**8 runs.
+MAX_TOP = 50
+MAX_SEEDS = 20
+
 
 @dataclass(frozen=True)
 class Queued:
@@ -53,6 +58,10 @@ def queue(study: optuna.Study, storage: RDBStorage, top: int, seeds: int) -> Que
     grows by the runs that exist, :func:`tuner.budget.confirm_runs`)."""
     if top < 1 or seeds < 1:
         raise UserError("confirm: --top and --seeds must be at least 1")
+    if top > MAX_TOP or seeds > MAX_SEEDS:
+        raise UserError(f"confirm: --top {top} --seeds {seeds} asks for too many runs: at most "
+                        f"--top {MAX_TOP} and --seeds {MAX_SEEDS} (a few runs of a few "
+                        "configurations tell luck from merit; a study is confirmed once)")
     with budget_lock(storage, study.study_name):
         request = study.user_attrs.get(attrs.CONFIRM)  # read afresh from the storage
         if request is None:

@@ -160,12 +160,17 @@ def run_interrupted() -> str:
     return "Interrupted: the running trial was given back; run the same command to resume."
 
 
-def confirm_queued(study: str, q: Queued) -> str:
+def confirm_queued(study: str, q: Queued, asked: tuple[int, int]) -> str:
+    """What ``tuner confirm`` did; ``asked``: its ``--top`` and ``--seeds``."""
     configs = ", ".join(f"#{n}" for n in q.configs)
     seeds = f"{q.seeds} new seed{'s' if q.seeds > 1 else ''} each"
     if not q.new:
+        unused = ""
+        if asked != (q.top, q.seeds):
+            unused = (f" --top {asked[0]} --seeds {asked[1]} were not used: a study is "
+                      "confirmed once (give the search a new study name to confirm afresh).")
         return (f"Study {study!r} was already confirmed: {q.trials} runs of trials {configs} "
-                f"were queued before ({q.seeds} seeds each); `tuner best` ranks them.")
+                f"were queued before ({q.seeds} seeds each); `tuner best` ranks them.{unused}")
     top = "the best configuration (trial" if len(q.configs) == 1 else \
         f"the top {len(q.configs)} configurations (trials"
     return (f"Queued {q.added} runs in study {study!r}: {top} {configs}), {seeds}. The "
@@ -268,8 +273,9 @@ def _confirmed(c: dict[str, Any]) -> str:
                   if config["runs"] else "-")
         rows.append([f"#{config['trial']}", str(len(config["runs"])), spread,
                      number(config["test_loss_mean"]), ", ".join(map(str, config["runs"]))])
-    lines = [f"Confirm step: the top {c['top']} configurations, each retrained with "
-             f"{seeds}{pending}"]
+    top = ("the best configuration" if len(c["configs"]) == 1
+           else f"the top {len(c['configs'])} configurations")  # fewer than asked, if so
+    lines = [f"Confirm step: {top}, each retrained with {seeds}{pending}"]
     lines += ["  " + row for row in align(rows).splitlines()]
     winner = c["winner"]
     if winner is not None:
