@@ -85,6 +85,8 @@ def test_interrupted_run_resumes_and_keeps_finished_trials(tmp_path: Path, pg_ur
     trials = _trials(pg_url, "ctrlc")
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
     assert trials[1].user_attrs["fail_reason"] == "interrupted"
+    # what it trained before the signal is on record (it counts against an epoch budget)
+    assert trials[1].user_attrs["epochs_run"] == len(trials[1].intermediate_values) >= 1
     assert trials[2].params == trials[1].params  # queued again
 
     again = run_tuner("run", str(path), "--storage", pg_url,

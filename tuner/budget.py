@@ -382,13 +382,17 @@ class Claimer:
 
     # --- giving back ------------------------------------------------------------------------
 
-    def give_back(self, trial: optuna.Trial, reason: str = attrs.INTERRUPTED) -> None:
+    def give_back(self, trial: optuna.Trial, reason: str = attrs.INTERRUPTED,
+                  spent: dict[str, Any] | None = None) -> None:
         """Fail ``trial`` with ``reason`` and queue its parameters again, as one budget step.
 
-        Not counted as a retry: the trial did nothing wrong.
+        Not counted as a retry: the trial did nothing wrong. ``spent``: user attributes that
+        say what it trained before it was stopped (epochs, seconds).
         """
         with budget_lock(self.storage, self.study.study_name):
             try:
+                for key, value in (spent or {}).items():
+                    trial.set_user_attr(key, value)
                 trial.set_user_attr(attrs.FAIL_REASON, reason)
                 frozen = self._tell(trial, None, TrialState.FAIL)  # the lock is held
             except optuna.exceptions.UpdateFinishedTrialError:

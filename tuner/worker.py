@@ -181,7 +181,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                     frozen = claimer.tell(trial, state=TrialState.PRUNED)
                     failures_in_a_row = 0
                 except Interrupted:
-                    claimer.give_back(trial)
+                    claimer.give_back(trial, spent=_spent(trial, time.monotonic() - t0))
                     _drop_model(retention, claimed, completed)
                     raise
                 except optuna.exceptions.UpdateFinishedTrialError:
@@ -196,7 +196,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                 except (Exception, TrialTimedOut) as exc:  # noqa: BLE001 - recorded, not fatal
                     if signals.received is not None:
                         # Stopping: whatever else ended the trial meanwhile, it is given back.
-                        claimer.give_back(trial)
+                        claimer.give_back(trial, spent=_spent(trial, time.monotonic() - t0))
                         _drop_model(retention, claimed, completed)
                         raise Interrupted(signals.received) from None
                     if limit.fired:
@@ -359,14 +359,17 @@ def _drop_model(retention: Retention, claimed: Claimed, completed: bool) -> None
 
 
 def _failed_attrs(trial: optuna.Trial, reason: str, seconds: float) -> dict[str, Any]:
-    """Why a trial failed, and, when it failed in training (a timeout, a NaN loss, an error in
-    the model), the epochs it trained and for how long: they were spent all the same."""
-    values: dict[str, Any] = {attrs.FAIL_REASON: reason}
-    if attrs.EPOCHS_RUN not in trial.user_attrs:
-        curve = trial.user_attrs.get(attrs.CURVE) or {}
-        values.update({attrs.EPOCHS_RUN: len(curve.get("val_loss", [])),
-                       attrs.SECONDS: round(seconds, 3)})
-    return values
+    """Why a trial failed, and what it spent (:func:`_spent`)."""
+    return {attrs.FAIL_REASON: reason, **_spent(trial, seconds)}
+
+
+def _spent(trial: optuna.Trial, seconds: float) -> dict[str, Any]:
+    """When a trial ended in training (a timeout, a NaN loss, an error in the model, a stop
+    signal), the epochs it trained and for how long: they were spent all the same."""
+    if attrs.EPOCHS_RUN in trial.user_attrs:
+        return {}
+    curve = trial.user_attrs.get(attrs.CURVE) or {}
+    return {attrs.EPOCHS_RUN: len(curve.get("val_loss", [])), attrs.SECONDS: round(seconds, 3)}
 
 
 def artifact_store(study: optuna.Study, override: str | None
