@@ -154,6 +154,17 @@ def test_best_on_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
 def test_bad_flag_is_one_line(tmp_path: Path) -> None:
     result = cli("worker", "--study", "x", "--n-trials", "-3", cwd=tmp_path)
     assert_one_line(result, 2, "--n-trials", "must be positive")
+    result = cli("worker", "--study", "x", "--timeout", "30q", cwd=tmp_path)
+    assert_one_line(result, 2, "--timeout: expected seconds or a duration like 90s, 30m, 8h")
+    result = cli("worker", "--study", "x", "--timeout", "0m", cwd=tmp_path)
+    assert_one_line(result, 2, "--timeout: must be more than 0 seconds, got 0m")
+
+
+def test_timeout_takes_a_duration_as_the_study_file_does() -> None:
+    from tuner.cli import build_parser
+
+    opts = build_parser().parse_args(["worker", "--study", "x", "--timeout", "30m"])
+    assert opts.timeout == 1800.0
 
 
 def test_unreachable_database_masks_the_password(tmp_path: Path) -> None:

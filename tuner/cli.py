@@ -50,8 +50,8 @@ def _cap_flags(p: argparse.ArgumentParser, who: str) -> None:
     """Caps on what one command does, beside the study's own budget."""
     p.add_argument("--n-trials", type=_positive_int, metavar="N",
                    help=f"run at most N trials in {who}")
-    p.add_argument("--timeout", type=_positive_float, metavar="S",
-                   help="start no new trial after S seconds")
+    p.add_argument("--timeout", type=_duration, metavar="S",
+                   help="start no new trial after S seconds (or 30m, 8h, 2d)")
 
 
 class _StoppedEarly(BaseException):
@@ -211,8 +211,19 @@ def _port(text: str) -> int:
     return value
 
 
+def _duration(text: str) -> float:
+    from tuner.spec import duration_seconds
+
+    seconds = duration_seconds(text)
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds or a duration like 90s, 30m, 8h, "
+                                         f"got {text!r}")
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return seconds
+
+
 _positive_int = _positive(int)
-_positive_float = _positive(float)
 
 
 def _version() -> str:

@@ -290,6 +290,18 @@ def _parse_search(p: _Parser, search: dict[str, Any], family: str) -> SearchSpec
                       flip=flip, learning_rate=learning_rate)
 
 
+def duration_seconds(value: Any) -> float | None:
+    """Seconds from a number of seconds or a string such as ``"90"``, ``"30m"``, ``"8h"``;
+    ``None`` if it is neither."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value.strip())
+        if match:
+            return float(match[1]) * _DURATION_UNITS[match[2] or "s"]
+    return None
+
+
 class _Parser:
     """Typed getters that raise one-line errors naming the file, table and key."""
 
@@ -363,13 +375,7 @@ class _Parser:
         if key not in raw:
             return None
         value = raw[key]
-        seconds: float | None = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            seconds = float(value)
-        elif isinstance(value, str):
-            match = _DURATION.match(value.strip())
-            if match:
-                seconds = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
+        seconds = duration_seconds(value)
         if seconds is None:
             self.fail(table, key, f"expected seconds or a duration like \"90s\", \"30m\", "
                       f"\"8h\", \"2d\", got {value!r}")
