@@ -175,12 +175,17 @@ def test_budget_changes_reach_running_workers(tmp_path: Path, pg_url: str,
     write_study(tmp_path, "budget", n_trials=2, epochs=3, limit=400, family="user_models:slow")
     changed = run_tuner("create", str(study), "--storage", pg_url)
     assert changed.returncode == 0, changed.stderr
+    assert "Changed: n_trials 6 → 2; workers already running follow it from their next trial." \
+        in changed.stdout
     states = _states(pg_url, "budget")
     allowed = max(2, states.count("COMPLETE") + states.count("RUNNING"))
     assert worker.wait() == 0, worker.stderr
     finished = _states(pg_url, "budget").count("COMPLETE")
     assert finished == allowed, (finished, allowed)
     assert "study budget of 2 trials is spent" in worker.stdout
+    again = run_tuner("create", str(study), "--storage", pg_url)  # nothing changed now
+    assert "Changed" not in again.stdout and "Start workers with" not in again.stdout
+    assert "Nothing left to run: the study budget of 2 trials is spent." in again.stdout
     print(f"\n[budget shrunk 6 -> 2 under a running worker] it stopped at {finished} finished")
 
     # Raised while a worker is on its last trial: the same worker goes on.

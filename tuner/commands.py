@@ -54,8 +54,16 @@ def run(opts: argparse.Namespace, out: TextIO) -> int:
 
 def create(opts: argparse.Namespace, out: TextIO) -> int:
     """``tuner create``: register the study (idempotent) for workers elsewhere."""
-    storage, _, spec = _create_or_resume(opts, out, resuming=False)
-    _say(out, render.start_workers(spec.name, _storage_flags(storage.url)))
+    import time
+
+    from tuner.budget import Claimer, Decision, decide
+
+    storage, study, spec = _create_or_resume(opts, out, resuming=False)
+    verdict = decide(*Claimer(study, storage).state(), time.time())
+    if verdict.decision is Decision.STOP:  # a worker started now would only say so and exit
+        _say(out, render.nothing_to_run(verdict.reason))
+    else:
+        _say(out, render.start_workers(spec.name, _storage_flags(storage.url)))
     return ExitCode.OK
 
 
@@ -203,6 +211,7 @@ def _create_or_resume(opts: argparse.Namespace, out: TextIO, resuming: bool):  #
         except OSError as exc:
             raise UserError(f"--artifacts: cannot use {artifacts}: {exc.strerror}") from None
     storage = open_storage(url)
+    changes = studies.changed_settings(spec, storage)
     study, new = studies.create_or_resume(spec, storage, str(artifacts))
     usage, budget = Claimer(study, storage).state()
     if new:
@@ -210,6 +219,8 @@ def _create_or_resume(opts: argparse.Namespace, out: TextIO, resuming: bool):  #
                                        spec.pruner))
     else:
         _say(out, render.study_exists(spec.name, mask(url), budget.progress(usage), resuming))
+        if changes:
+            _say(out, render.settings_changed(changes))
     return storage, study, spec
 
 

@@ -93,6 +93,16 @@ def study_exists(name: str, url: str, progress: str, resuming: bool) -> str:
     return f"Study {name!r} exists in {url}: {progress}" + (", resuming" if resuming else "")
 
 
+def settings_changed(changes: list[str]) -> str:
+    return (f"Changed: {', '.join(changes)}; workers already running follow it from their "
+            "next trial.")
+
+
+def nothing_to_run(reason: str) -> str:
+    return (f"Nothing left to run: the {reason}. Raise the budget in the study file and run "
+            "`tuner create` again to run more.")
+
+
 def start_workers(name: str, storage_flags: str) -> str:
     return (f"Start workers with: tuner worker --study {shlex.quote(name)} {storage_flags} "
             "--gpus all")

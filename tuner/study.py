@@ -56,6 +56,20 @@ def create_or_resume(spec: StudySpec, storage: RDBStorage,
     return study, True
 
 
+def changed_settings(spec: StudySpec, storage: RDBStorage) -> list[str]:
+    """The changeable settings (budgets, ``keep_models``) in which ``spec`` differs from the
+    stored study's, as ``n_trials 6 → 3``; none for a new study."""
+    existing = _stored_spec(storage, spec.name)
+    if existing is None:
+        return []
+    def shown(field: str, value: Any) -> str:
+        return '"all"' if field == "keep_models" and value is None else _toml(value)
+
+    return [f"{field} {shown(field, getattr(existing, field))} → "
+            f"{shown(field, getattr(spec, field))}"
+            for field in CHANGEABLE_FIELDS if getattr(existing, field) != getattr(spec, field)]
+
+
 def _changed_keys(stored: StudySpec, new: StudySpec) -> str:
     """``[model] epochs (16, stored 20)``: what differs, as the study file spells it."""
     def flat(spec: StudySpec) -> dict[str, Any]:
