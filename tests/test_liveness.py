@@ -144,13 +144,15 @@ def test_sigterm_while_a_worker_starts_up_stops_it_cleanly(tmp_path: Path, pg_ur
 
     study = write_study(tmp_path, "early", n_trials=2)
     assert run_tuner("create", str(study), "--storage", pg_url).returncode == 0
-    for verb in (["worker", "--study", "early", "--gpus", "none"], ["run", str(study)]):
+    for verb, stop in ((["worker", "--study", "early", "--gpus", "none"], signal.SIGTERM),
+                       (["run", str(study)], signal.SIGTERM),
+                       (["run", str(study)], signal.SIGINT)):  # Ctrl-C: the same exit
         proc = subprocess.Popen([*TUNER, *verb, "--storage", pg_url], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         assert catches_sigterm(proc.pid, wait_s=10), "no SIGTERM handler"
-        proc.send_signal(signal.SIGTERM)  # while SQLAlchemy and the rest still load
+        proc.send_signal(stop)  # while SQLAlchemy and the rest still load
         out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, (verb[0], out, err)
+        assert proc.returncode == 0, (verb[0], stop, out, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
     assert _trials(pg_url, "early") == []
 

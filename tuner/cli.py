@@ -155,6 +155,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     out, err = out or sys.stdout, err or sys.stderr
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop_early) if in_main_thread else None
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
     try:
         from tuner.settings import quiet_libraries
 
@@ -166,16 +167,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         print(f"tuner: error: {exc}", file=err)
         return exc.exit_code
     except KeyboardInterrupt:
+        if words[:1] in (["run"], ["worker"]):
+            # as a stop signal once trials run: the same exit, so a script sees one code
+            return _stopped_before_any_trial("Ctrl-C", err)
         print("tuner: interrupted", file=err)
         return ExitCode.INTERRUPTED
     except _StoppedEarly:
-        print("tuner: stopped by SIGTERM before any trial started", file=err)
-        from tuner.settings import signal_exit_code
-
-        try:
-            return signal_exit_code()
-        except TunerError:
-            return ExitCode.OK
+        return _stopped_before_any_trial("SIGTERM", err)
     except BrokenPipeError:
         # The reader went away (`tuner trials | head`): not a failure. Point stdout at
         # /dev/null so that Python's own flush at exit does not complain again.
@@ -185,6 +183,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped_before_any_trial(what: str, err: TextIO) -> int:
+    print(f"tuner: stopped by {what} before any trial started", file=err)
+    from tuner.settings import signal_exit_code
+
+    try:
+        return signal_exit_code()
+    except TunerError:
+        return ExitCode.OK
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
