@@ -162,6 +162,9 @@ def test_kill_9_of_a_child_mid_trial(tmp_path: Path, pg_url: str,
         (t for t in _trials(pg_url, "kill-child")
          if t.number == victim.number and t.state.name == "FAIL"), None))
     running_for = failed.datetime_complete.timestamp() - killed_at
+    # judged dead once silent for the grace period (3 s, its last beat up to 1 s before the
+    # kill), not before, and not long after
+    assert 1.5 <= running_for < 30, running_for
     assert worker.wait() == 0, worker.stderr
     out = worker.stdout
     assert "[gpu0] process" in out and "was killed by SIGKILL; restarting" in out, out
@@ -191,6 +194,7 @@ def test_kill_9_of_a_whole_worker_while_another_goes_on(tmp_path: Path, pg_url: 
     failed = _wait_for("node A's trial to be failed", lambda: next(
         (t for t in _trials(pg_url, "kill-node")
          if t.number == victim.number and t.state.name == "FAIL"), None), workers=[node_b])
+    assert 1.5 <= failed.datetime_complete.timestamp() - killed_at < 30
     assert node_b.wait() == 0, node_b.stderr
     trials = _assert_budget_exact(pg_url, "kill-node", 4)
     _assert_retried(trials, victim.number)
