@@ -307,3 +307,25 @@ def test_dashboard_page_shows_the_figures(dashboard: tuple[str, str, Path],  # n
     assert render.knobs_title(3) in dom
     assert all(f"#{t['number']} validation" in dom for t in detail["trials"])
     print(f"dashboard screenshot: {png}")
+
+
+def test_the_curves_are_of_the_best_configurations_not_of_one_retrained() -> None:
+    """After a confirm step the best trials are often one configuration and its reruns:
+    the curves show the best few configurations, each by its best run."""
+    from tuner.figures import gather
+
+    study = optuna.create_study()
+    rng = random.Random(0)
+    for _ in range(5):
+        _finish_one(study, rng)
+    best = min(study.trials, key=lambda t: t.value)
+    for shift in (0.001, 0.002, 0.003):  # reruns, each nearly as good as the best
+        study.add_trial(create_trial(params=best.params, distributions=DISTS,
+                                     value=best.value + shift, user_attrs=best.user_attrs))
+    facts = gather(study, top=3)
+    assert facts is not None and facts.best_trial == best.number
+    shown = [study.trials[c.trial] for c in facts.curves]
+    assert shown[0].number == best.number
+    assert len({tuple(sorted(t.params.items())) for t in shown}) == 3
+    ranked = sorted((t for t in study.trials[:5]), key=lambda t: t.value)
+    assert [t.number for t in shown] == [t.number for t in ranked[:3]]

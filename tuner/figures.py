@@ -82,7 +82,9 @@ def gather(study: optuna.Study, top: int = DEFAULT_TOP) -> Facts | None:
     """The facts of both pictures, or ``None`` while the study has no completed trial.
 
     Completed trials only: a pruned trial stopped early, so its losses would be compared with
-    finished ones at a different epoch.
+    finished ones at a different epoch. The curves are of the best ``top`` configurations,
+    each by its best run: after ``tuner confirm`` the best trials are often one configuration
+    retrained with other seeds.
     """
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.value is not None and math.isfinite(t.value)]
@@ -90,7 +92,13 @@ def gather(study: optuna.Study, top: int = DEFAULT_TOP) -> Facts | None:
         return None
     ranked = sorted(complete, key=lambda t: (t.value, t.number))
     best = ranked[0]
-    curves = [c for c in (_curve(t) for t in ranked) if c is not None][:top]
+    seen: set[tuple[tuple[str, Any], ...]] = set()
+    curves = []
+    for t in ranked:
+        config, curve = tuple(sorted(t.params.items())), _curve(t)
+        if curve is not None and config not in seen and len(curves) < top:
+            seen.add(config)
+            curves.append(curve)
     return Facts(study=study.study_name, complete=len(complete), best_trial=best.number,
                  best_value=float(best.value), best_gap=best.user_attrs.get(attrs.GAP),
                  curves=curves, knobs=_knobs(sorted(complete, key=lambda t: t.number)))
