@@ -263,6 +263,29 @@ def test_a_child_killed_while_stopping_is_not_said_to_have_given_its_trial_back(
     assert [t.state.name for t in _trials(pg_url, "stuck")] == ["RUNNING"]  # until a sweep
 
 
+def test_a_child_that_crashes_every_time_is_given_up_after_five_restarts(
+        tmp_path: Path, pg_url: str, workers: list[Worker]) -> None:
+    """The README's failure table: restarted after 1, 2, 4, 8, 16 s, then given up with one
+    line and exit 1. Each crash's trial is failed by the heartbeat and its parameters retried
+    at most 3 times; nothing is left queued for ever (74 s)."""
+    _create(tmp_path, pg_url, "segv", n_trials=3, epochs=1, family="user_models:crashes")
+    worker = Worker(tmp_path, "w", "--study", "segv", "--gpus", "none", storage=pg_url)
+    workers.append(worker)
+    assert worker.wait(timeout=300) == 1, worker.stdout + worker.stderr
+    pauses = re.findall(r"killed by SIGSEGV; restarting in (\d+)s \(restart (\d) of 5\)",
+                        worker.stdout)
+    assert pauses == [("1", "1"), ("2", "2"), ("4", "3"), ("8", "4"), ("16", "5")], \
+        worker.stdout
+    assert worker.stderr.strip().splitlines()[-1] == \
+        "tuner: error: [cpu] process was killed by SIGSEGV 6 times in a row; not restarting it"
+    assert "Traceback" not in worker.stderr
+    trials = _trials(pg_url, "segv")
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 0
+    # a configuration that kills its worker every time is dropped after 3 retries
+    first = [t for t in trials if t.params == trials[0].params]
+    assert len(first) <= 4
+
+
 def test_trials_that_raise_are_recorded_and_a_failing_worker_stops(
         tmp_path: Path, pg_url: str, workers: list[Worker]) -> None:
     _create(tmp_path, pg_url, "broken", n_trials=10, epochs=1, family="user_models:broken")

@@ -79,3 +79,13 @@ def hangs(hp: Hyperparams) -> keras.Model:
         return x
 
     return _with_numpy_step(hp, forever)
+
+
+def crashes(hp: Hyperparams) -> keras.Model:
+    """The process dies of a segmentation fault as the model is built: a native crash that
+    no Python handler sees, every time."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+    raise AssertionError("unreachable")
