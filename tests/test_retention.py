@@ -206,3 +206,18 @@ def test_running_workers_follow_a_lowered_keep_models(tmp_path: Path, pg_url: st
     best = min(complete, key=lambda t: t.value)
     assert sorted(p.name for p in artifacts.iterdir()) == [best.user_attrs["model_artifact"]]
     assert [t.number for t in complete if t.user_attrs.get("model_artifact")] == [best.number]
+
+
+@pytest.mark.parametrize(("setting", "kept"), [("", 5), ('keep_models = "all"', 7)])
+def test_the_default_keeps_the_best_five_and_all_keeps_every_model(
+        tmp_path: Path, pg_url: str, setting: str, kept: int) -> None:
+    name = "default" if not setting else "all"
+    study = write_study(tmp_path, name, n_trials=7, epochs=1, limit=120,
+                        family="user_models:tiny", extra_study=setting)
+    assert cli("run", str(study), "--storage", pg_url, "--artifacts",
+               str(tmp_path / "models")).returncode == 0
+    complete = sorted((t for t in _trials(pg_url, name) if t.state.name == "COMPLETE"),
+                      key=lambda t: t.value)
+    assert len(complete) == 7
+    on_disk = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert on_disk == sorted(t.user_attrs["model_artifact"] for t in complete[:kept])
