@@ -208,6 +208,10 @@ def test_an_sqlite_url_with_two_slashes_says_how_many(tmp_path: Path) -> None:
     assert_one_line(result, 2, "an SQLite URL has three slashes before a relative path "
                     "(sqlite:///tuner.db)")
     assert not list(tmp_path.iterdir())  # nothing created anywhere
+    for memory in ("sqlite://", "sqlite:///:memory:"):  # workers could never see it
+        result = cli("run", str(write_study(tmp_path)), "--storage", memory, cwd=tmp_path)
+        assert_one_line(result, 2, "an in-memory SQLite database lives and dies with one "
+                        "process", "sqlite:///tuner.db")
 
 
 def test_a_port_that_is_not_a_number(tmp_path: Path) -> None:

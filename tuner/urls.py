@@ -32,6 +32,10 @@ def parse_url(url: str) -> sqlalchemy.engine.URL:
         raise UserError(f"storage URL {_masked_text(url)}: an SQLite URL has three slashes "
                         "before a relative path (sqlite:///tuner.db) and four before an "
                         "absolute one (sqlite:////data/tuner.db)")
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise UserError(f"storage URL {_masked_text(url)}: an in-memory SQLite database lives "
+                        "and dies with one process, and tuner trains in processes of their "
+                        "own; give a file, as in sqlite:///tuner.db")
     return parsed
 
 
