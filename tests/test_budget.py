@@ -670,3 +670,18 @@ def test_claim_path_model(pg_url: str) -> None:
         stateful_step_count=30, deadline=None, derandomize=False,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
     print(f"\n[claim path model] {time.monotonic() - started:.0f}s")
+
+
+def test_confirm_runs_come_on_top_of_a_search_that_overspent_a_lowered_budget() -> None:
+    """n_trials lowered to 2 after 3 trials finished, then 3 confirm runs queued: all three
+    run. Counted from n_trials alone, the budget (5) would be spent with one still queued."""
+    spec = {"n_trials": 2, "epoch_budget": 20, "model": {"epochs": 4}}
+    request = {"searched": 3, "searched_epochs": 24}
+    budget = Budget.from_spec(spec, confirm_runs=3, confirm=request)
+    assert (budget.n_trials, budget.epochs) == (6, 24 + 3 * 4)
+    for done in range(3):  # the runs finish one by one, 4 epochs each
+        usage = Usage(complete=3 + done, waiting=3 - done, epochs=24 + 4 * done)
+        assert decide(usage, budget, time.time()).decision is Decision.TAKE
+    assert decide(Usage(complete=6, epochs=36), budget, time.time()).decision is Decision.STOP
+    # a budget above what the search spent is grown from the budget, as before
+    assert Budget.from_spec({"n_trials": 8}, confirm_runs=3, confirm=request).n_trials == 11

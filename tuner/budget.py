@@ -85,16 +85,18 @@ class Budget:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], clock_started: float | None = None,
-                  confirm_runs: int = 0) -> Budget:
+                  confirm_runs: int = 0, confirm: dict[str, Any] | None = None) -> Budget:
         """From a stored spec (the JSON form of :class:`tuner.spec.StudySpec`), grown by the
-        ``confirm_runs`` a confirm step queued (see :mod:`tuner.confirm`): they are extra, not
-        taken from the search."""
+        ``confirm_runs`` a confirm step queued (see :mod:`tuner.confirm`; ``confirm``: its
+        request): they are extra, on top of what the search had spent when they were queued
+        if that was more than its budget."""
         n, epochs = spec.get("n_trials"), spec.get("epoch_budget")
-        extra = confirm_runs
+        extra, confirm = confirm_runs, confirm or {}
         if extra and n is not None:
-            n += extra
+            n = max(n, int(confirm.get("searched", 0))) + extra
         if extra and epochs is not None:
-            epochs += extra * int(spec.get("model", {}).get("epochs", 0))
+            epochs = (max(epochs, int(confirm.get("searched_epochs", 0)))
+                      + extra * int(spec.get("model", {}).get("epochs", 0)))
         return cls(n, epochs, spec.get("time_budget"), clock_started,
                    spec.get("trial_timeout"), spec.get("keep_models", 5))
 
@@ -213,7 +215,7 @@ class Claimer:
             budget = Budget.from_spec(found.get(attrs.SPEC) or {},
                                       found.get(attrs.CLOCK_STARTED),
                                       confirm_runs(conn, self.study_id)
-                                      if attrs.CONFIRM in found else 0)
+                                      if attrs.CONFIRM in found else 0, found.get(attrs.CONFIRM))
             epochs = (optuna_sql.epochs_reported(conn, self.study_id)
                       if budget.epochs is not None else 0)
             usage = Usage.from_counts(optuna_sql.count_states(conn, self.study_id), epochs)

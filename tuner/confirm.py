@@ -69,8 +69,14 @@ def queue(study: optuna.Study, storage: RDBStorage, top: int, seeds: int) -> Que
             if not best:
                 raise UserError(f"study {study.study_name!r} has no completed trial to confirm "
                                 "yet (see `tuner status`)")
+            spent = study.get_trials(deepcopy=False)
+            # What the search has spent so far: the confirm runs come on top of it, even in a
+            # study whose budget was lowered below it (they would never run otherwise).
             request = {"top": top, "seeds": seeds, "configs": [t.number for t in best],
-                       "trials": len(best) * seeds}
+                       "trials": len(best) * seeds,
+                       "searched": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                                       for t in spent),
+                       "searched_epochs": sum(len(t.intermediate_values) for t in spent)}
             study.set_user_attr(attrs.CONFIRM, request)
         trials = study.get_trials(deepcopy=False)
         queued = Counter(t.system_attrs[attrs.CONFIRMS] for t in trials

@@ -75,7 +75,8 @@ def study_status(engine: sqlalchemy.Engine, study_id: int, name: str) -> StudySt
         spec = spec if isinstance(spec, dict) else {}
         found = optuna_sql.study_attrs(conn, study_id, (attrs.CLOCK_STARTED, attrs.CONFIRM))
         budget = Budget.from_spec(spec, found.get(attrs.CLOCK_STARTED),
-                                  confirm_runs(conn, study_id) if attrs.CONFIRM in found else 0)
+                                  confirm_runs(conn, study_id) if attrs.CONFIRM in found else 0,
+                                  found.get(attrs.CONFIRM))
         epochs = (optuna_sql.epochs_reported(conn, study_id)
                   if budget.epochs is not None else None)
         best = optuna_sql.best_trial(conn, study_id) if states["complete"] else None
