@@ -179,6 +179,7 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                     failures_in_a_row = 0
                 except optuna.TrialPruned:
                     frozen = claimer.tell(trial, state=TrialState.PRUNED)
+                    retention.prune()  # a keep_models lowered meanwhile (nothing otherwise)
                     failures_in_a_row = 0
                 except Interrupted:
                     claimer.give_back(trial, spent=_spent(trial, time.monotonic() - t0))
