@@ -276,11 +276,10 @@ def exported(path: str) -> str:
 
 def _confirmed(c: dict[str, Any]) -> str:
     seeds = f"{c['seeds']} new seed{'s' if c['seeds'] > 1 else ''}"
-    pending = f" ({c['pending']} runs still to finish)" if c["pending"] else ""
+    pending = f" ({count(c['pending'], 'run')} still to finish)" if c["pending"] else ""
     rows = [["config", "runs", "val_loss mean ± std", "test_loss mean", "trials"]]
     for config in c["configs"]:
-        spread = (f"{number(config['val_loss_mean'])} ± {number(config['val_loss_std'])}"
-                  if config["runs"] else "-")
+        spread = _spread(config)
         rows.append([f"#{config['trial']}", str(len(config["runs"])), spread,
                      number(config["test_loss_mean"]), ", ".join(map(str, config["runs"]))])
     top = ("the best configuration" if len(c["configs"]) == 1
@@ -290,9 +289,16 @@ def _confirmed(c: dict[str, Any]) -> str:
     winner = c["winner"]
     if winner is not None:
         lines.append(f"Confirmed winner: the configuration of trial #{winner['trial']}, "
-                     f"val_loss {number(winner['val_loss_mean'])} ± "
-                     f"{number(winner['val_loss_std'])} over {len(winner['runs'])} runs")
+                     f"val_loss {_spread(winner)} over {count(len(winner['runs']), 'run')}")
     return "\n".join(lines)
+
+
+def _spread(config: dict[str, Any]) -> str:
+    """``mean ± std`` of a configuration's runs; one run has no spread to show."""
+    if not config["runs"]:
+        return "-"
+    mean = number(config["val_loss_mean"])
+    return f"{mean} ± {number(config['val_loss_std'])}" if len(config["runs"]) > 1 else mean
 
 
 def _param(value: Any) -> str:
