@@ -173,7 +173,8 @@ def test_export_into_a_directory_and_over_an_old_file(ran: Ran, tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr
     (written,) = tmp_path.glob("*.keras")
     assert written.name.startswith("export-trial") and written.stat().st_size > 1000
-    assert f"Exported the best-epoch model to {written}" in proc.stdout
+    number = int(written.name.removeprefix("export-trial").removesuffix(".keras"))
+    assert f"Exported the best-epoch model of trial #{number} to {written}" in proc.stdout
     exported = written.read_bytes()
     written.write_bytes(b"stale")
     proc = run_tuner("best", "--study", "export", "--storage", ran.url,

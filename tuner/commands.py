@@ -120,13 +120,13 @@ def best(opts: argparse.Namespace, out: TextIO) -> int:
     study, spec = studies.load(opts.study, open_storage(_existing_url(opts), heartbeat=False))
     summary = best_summary(study, spec)
     if opts.export_model:
-        from tuner.export import export_best_model
+        from tuner.export import chosen_trial, export_best_model
 
         summary["exported_model"] = str(export_best_model(study, opts.export_model,
                                                           opts.artifacts))
     _say(out, render.to_json(summary) if opts.json else render.best(summary))
     if opts.export_model and not opts.json:
-        _say(out, render.exported(summary["exported_model"]))
+        _say(out, render.exported(summary["exported_model"], chosen_trial(study).number))
     return ExitCode.OK
 
 

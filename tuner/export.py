@@ -27,7 +27,7 @@ def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
     validation loss, among those whose model is kept, of the confirmed winning configuration.
     An existing file is replaced atomically; a half-written file is never left behind.
     """
-    best = _chosen_trial(study)
+    best = chosen_trial(study)
     dest = Path(path).expanduser()
     if dest.is_dir():
         dest = dest / f"{study.study_name}-trial{best.number}.keras"
@@ -66,7 +66,9 @@ def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
     return dest.resolve()
 
 
-def _chosen_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+def chosen_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The trial whose model an export writes: the confirmed winner's best run that kept its
+    model, once a confirm step has run; else the best trial."""
     from tuner.confirm import ranking, winner
 
     try:

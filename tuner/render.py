@@ -270,8 +270,8 @@ def sparkline(values: list[float], low: float, high: float, width: int = 40) -> 
     return "".join(out)
 
 
-def exported(path: str) -> str:
-    return f"Exported the best-epoch model to {path}"
+def exported(path: str, trial: int) -> str:
+    return f"Exported the best-epoch model of trial #{trial} to {path}"
 
 
 def _confirmed(c: dict[str, Any]) -> str:
