@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -223,7 +224,7 @@ def _duration(text: str) -> float:
     from tuner.spec import duration_seconds
 
     seconds = duration_seconds(text)
-    if seconds is None or seconds != seconds or seconds == float("inf"):
+    if seconds is None or not math.isfinite(seconds):
         raise argparse.ArgumentTypeError(f"expected seconds or a duration like 90s, 30m, 8h, "
                                          f"got {text!r}")
     if seconds <= 0:

@@ -35,7 +35,7 @@ def run(opts: argparse.Namespace, out: TextIO) -> int:
     """``tuner run``: create or resume the study, work on it here, then show the winner."""
     from tuner.worker import Interrupted, work
 
-    storage, study, spec = _create_or_resume(opts, out, resuming=True)
+    storage, study, spec, _ = _create_or_resume(opts, out, resuming=True)
     try:
         summary = work(storage, study, spec, n_trials=opts.n_trials, timeout=opts.timeout,
                        artifacts=opts.artifacts,
@@ -56,10 +56,10 @@ def create(opts: argparse.Namespace, out: TextIO) -> int:
     """``tuner create``: register the study (idempotent) for workers elsewhere."""
     import time
 
-    from tuner.budget import Claimer, Decision, decide
+    from tuner.budget import Decision, decide
 
-    storage, study, spec = _create_or_resume(opts, out, resuming=False)
-    verdict = decide(*Claimer(study, storage).state(), time.time())
+    storage, _, spec, state = _create_or_resume(opts, out, resuming=False)
+    verdict = decide(*state, time.time())
     if verdict.decision is Decision.STOP:  # a worker started now would only say so and exit
         _say(out, render.nothing_to_run(verdict.reason))
     else:
@@ -122,11 +122,12 @@ def best(opts: argparse.Namespace, out: TextIO) -> int:
     if opts.export_model:
         from tuner.export import chosen_trial, export_best_model
 
+        chosen = chosen_trial(study)
         summary["exported_model"] = str(export_best_model(study, opts.export_model,
-                                                          opts.artifacts))
+                                                          opts.artifacts, chosen))
     _say(out, render.to_json(summary) if opts.json else render.best(summary))
     if opts.export_model and not opts.json:
-        _say(out, render.exported(summary["exported_model"], chosen_trial(study).number))
+        _say(out, render.exported(summary["exported_model"], chosen.number))
     return ExitCode.OK
 
 
@@ -187,7 +188,8 @@ def dashboard(opts: argparse.Namespace, out: TextIO) -> int:
 
 
 def _create_or_resume(opts: argparse.Namespace, out: TextIO, resuming: bool):  # noqa: ANN202
-    """Parse and check the study file, then create or resume its study; says which."""
+    """Parse and check the study file, then create or resume its study; says which. Also
+    returns the study's usage and budget as read then."""
     from tuner import study as studies
     from tuner.budget import Claimer
     from tuner.data import check_source
@@ -221,7 +223,7 @@ def _create_or_resume(opts: argparse.Namespace, out: TextIO, resuming: bool):  #
         _say(out, render.study_exists(spec.name, mask(url), budget.progress(usage), resuming))
         if changes:
             _say(out, render.settings_changed(changes))
-    return storage, study, spec
+    return storage, study, spec, (usage, budget)
 
 
 def _existing_url(opts: argparse.Namespace) -> str:

@@ -64,21 +64,20 @@ def queue(study: optuna.Study, storage: RDBStorage, top: int, seeds: int) -> Que
                         "configurations tell luck from merit; a study is confirmed once)")
     with budget_lock(storage, study.study_name):
         request = study.user_attrs.get(attrs.CONFIRM)  # read afresh from the storage
+        trials = study.get_trials(deepcopy=False)
         if request is None:
-            best = _best_configurations(study, top)
+            best = _best_configurations(trials, top)
             if not best:
                 raise UserError(f"study {study.study_name!r} has no completed trial to confirm "
                                 "yet (see `tuner status`)")
-            spent = study.get_trials(deepcopy=False)
             # What the search has spent so far: the confirm runs come on top of it, even in a
             # study whose budget was lowered below it (they would never run otherwise).
             request = {"top": top, "seeds": seeds, "configs": [t.number for t in best],
                        "trials": len(best) * seeds,
                        "searched": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                                       for t in spent),
-                       "searched_epochs": sum(len(t.intermediate_values) for t in spent)}
+                                       for t in trials),
+                       "searched_epochs": sum(len(t.intermediate_values) for t in trials)}
             study.set_user_attr(attrs.CONFIRM, request)
-        trials = study.get_trials(deepcopy=False)
         queued = Counter(t.system_attrs[attrs.CONFIRMS] for t in trials
                          if attrs.CONFIRMS in t.system_attrs
                          and "failed_trial" not in t.system_attrs)  # reruns replace, not add
@@ -95,10 +94,10 @@ def queue(study: optuna.Study, storage: RDBStorage, top: int, seeds: int) -> Que
                   added)
 
 
-def _best_configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
+def _best_configurations(trials: list[FrozenTrial], top: int) -> list[FrozenTrial]:
     """The ``top`` completed trials with the lowest validation loss, one per configuration."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE
+                and t.value is not None and math.isfinite(t.value)
                 and attrs.CONFIRMS not in t.system_attrs]
     seen: set[tuple[tuple[str, Any], ...]] = set()
     best = []

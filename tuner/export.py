@@ -20,14 +20,16 @@ from tuner.settings import artifacts_dir
 
 
 def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
-                      artifacts_override: str | None = None) -> Path:
+                      artifacts_override: str | None = None,
+                      trial: optuna.trial.FrozenTrial | None = None) -> Path:
     """Write the winner's saved model to ``path`` (a ``.keras`` file or a directory).
+    ``trial``: :func:`chosen_trial`, when the caller has it already.
 
     The winner is the best trial or, once a confirm step has run, the run with the lowest
     validation loss, among those whose model is kept, of the confirmed winning configuration.
     An existing file is replaced atomically; a half-written file is never left behind.
     """
-    best = chosen_trial(study)
+    best = trial or chosen_trial(study)
     dest = Path(path).expanduser()
     if dest.is_dir():
         dest = dest / f"{study.study_name}-trial{best.number}.keras"
