@@ -89,8 +89,8 @@ def _set_budget(study: optuna.Study, n_trials: int) -> None:
 
 
 def _usage(complete: int = 0, pruned: int = 0, running: int = 0, waiting: int = 0,
-           failed: int = 0, epochs: int = 0) -> Usage:
-    return Usage(complete, pruned, running, waiting, failed, epochs)
+           failed: int = 0, epochs: int = 0, confirm_waiting: int = 0) -> Usage:
+    return Usage(complete, pruned, running, waiting, failed, epochs, confirm_waiting)
 
 
 @pytest.mark.parametrize(("usage", "budget", "expected"), [
@@ -112,6 +112,13 @@ def _usage(complete: int = 0, pruned: int = 0, running: int = 0, waiting: int = 
     (_usage(complete=1, running=1), Budget(None, seconds=60, clock_started=900.0),
      Decision.STOP),
     (_usage(), Budget(None, seconds=60), Decision.CREATE),  # the clock starts at the first claim
+    # Confirm runs queued after the time budget is spent still start; nothing else does.
+    (_usage(complete=4, waiting=2, confirm_waiting=1),
+     Budget(None, seconds=60, clock_started=900.0), Decision.TAKE),
+    (_usage(complete=4, running=1, waiting=1, confirm_waiting=1),
+     Budget(5, seconds=60, clock_started=900.0), Decision.WAIT),
+    (_usage(complete=4, waiting=1), Budget(None, seconds=60, clock_started=900.0),
+     Decision.STOP),
 ])
 def test_decide(usage: Usage, budget: Budget, expected: Decision) -> None:
     assert decide(usage, budget, now=1000.0).decision is expected

@@ -229,6 +229,42 @@ def test_a_confirm_killed_halfway_is_finished_by_the_next(pg_url: str) -> None:
     assert not queue(study, storage, top=2, seeds=2).new  # complete now: nothing more
 
 
+def test_a_confirm_after_the_time_budget_is_spent_still_runs(pg_url: str) -> None:
+    """The search's hours are spent: a confirm step's runs start all the same, and only they:
+    neither a queued search trial nor a new one does."""
+    import time
+
+    from tuner import attrs
+    from tuner.budget import Claimer, Decision
+    from tuner.confirm import queue
+    from tuner.storage import ResilientRDBStorage
+
+    storage = ResilientRDBStorage(pg_url)
+    study = optuna.create_study(study_name="late", storage=storage)
+    study.set_user_attr(attrs.SPEC, {"time_budget": 60, "model": {"epochs": 2}})
+    study.set_user_attr(attrs.CLOCK_STARTED, time.time() - 3600)
+    x = optuna.distributions.FloatDistribution(0, 1)
+    for i, value in enumerate([0.3, 0.1, 0.2]):
+        study.add_trial(optuna.trial.create_trial(params={"x": i / 10}, distributions={"x": x},
+                                                  value=value))
+    study.enqueue_trial({"x": 0.9})  # a search trial queued again (its worker died)
+    claimer = Claimer(study, storage)
+    verdict, taken = claimer.claim_once()
+    assert (verdict.decision, taken) == (Decision.STOP, None)
+    assert verdict.reason == "study time budget of 1m is spent"
+    assert queue(study, storage, top=2, seeds=1).added == 2
+    confirms = []
+    for _ in range(2):
+        verdict, taken = claimer.claim_once()
+        assert verdict.decision is Decision.TAKE
+        confirms.append(storage.get_trial(taken).system_attrs[attrs.CONFIRMS])
+    assert sorted(confirms) == [1, 2]  # the top two configurations, not the queued search one
+    verdict, taken = claimer.claim_once()
+    assert (verdict.decision, taken) == (Decision.STOP, None)
+    states = [t.state.name for t in study.get_trials()]
+    assert states.count("WAITING") == 1 and len(states) == 6  # nothing created
+
+
 def test_the_confirmed_winner_is_exported_from_a_run_that_kept_its_model(
         tmp_path: Path) -> None:
     """The winning configuration's search trial may have the lowest loss of its runs but

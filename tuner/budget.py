@@ -22,7 +22,10 @@ signals. The budget is read from the study at every claim, so a changed ``n_tria
 the next claim of every running worker. Epochs count every reported epoch of every trial
 (pruned, failed and running ones too: GPU time was spent on them); the time budget counts from
 the first claim. With an epoch or time budget a running trial always finishes, so the study
-may end a little past it.
+may end a little past it. A confirm step's runs (:mod:`tuner.confirm`) grow ``n_trials`` and the
+epoch budget by what they need, and start whatever the time budget says: a user who asks for
+them after the search's hours are spent still gets them (step 1 lets them through, step 2
+takes only them, and no new trial is created).
 
 Dead trials: a running trial whose heartbeat is older than the grace period, or that this
 process has seen without any heartbeat for a grace period, is failed and its parameters
@@ -136,21 +139,24 @@ class Usage:
     waiting: int = 0
     failed: int = 0
     epochs: int = 0
+    confirm_waiting: int = 0  # queued confirm runs, counted only where a time budget is set
 
     @property
     def finished(self) -> int:
         return self.complete + self.pruned
 
     @classmethod
-    def from_counts(cls, counts: dict[str, int], epochs: int = 0) -> Usage:
+    def from_counts(cls, counts: dict[str, int], epochs: int = 0,
+                    confirm_waiting: int = 0) -> Usage:
         return cls(counts.get("COMPLETE", 0), counts.get("PRUNED", 0), counts.get("RUNNING", 0),
-                   counts.get("WAITING", 0), counts.get("FAIL", 0), epochs)
+                   counts.get("WAITING", 0), counts.get("FAIL", 0), epochs, confirm_waiting)
 
 
 @dataclass(frozen=True)
 class Verdict:
     decision: Decision
     reason: str = ""  # why a worker stops, for its last line
+    confirm_only: bool = False  # TAKE: the time budget is spent, only a confirm run may start
 
 
 def decide(usage: Usage, budget: Budget, now: float) -> Verdict:
@@ -160,12 +166,15 @@ def decide(usage: Usage, budget: Budget, now: float) -> Verdict:
         return Verdict(Decision.STOP, f"study budget of {count(n, 'trial')} is spent")
     if budget.epochs is not None and usage.epochs >= budget.epochs:
         return Verdict(Decision.STOP, f"study budget of {budget.epochs} epochs is spent")
-    if (budget.seconds is not None and budget.clock_started is not None
-            and now - budget.clock_started >= budget.seconds):
+    out_of_time = (budget.seconds is not None and budget.clock_started is not None
+                   and now - budget.clock_started >= budget.seconds)
+    if out_of_time and not usage.confirm_waiting:
         return Verdict(Decision.STOP, f"study time budget of {duration(budget.seconds)} "
                                       "is spent")
     if usage.waiting and (n is None or usage.finished + usage.running < n):
-        return Verdict(Decision.TAKE)
+        return Verdict(Decision.TAKE, confirm_only=out_of_time)
+    if out_of_time:  # confirm runs queued, their slots held by running trials
+        return Verdict(Decision.WAIT)
     if n is None or usage.finished + usage.running + usage.waiting < n:
         return Verdict(Decision.CREATE)
     return Verdict(Decision.WAIT)
@@ -218,7 +227,11 @@ class Claimer:
                                       if attrs.CONFIRM in found else 0, found.get(attrs.CONFIRM))
             epochs = (optuna_sql.epochs_reported(conn, self.study_id)
                       if budget.epochs is not None else 0)
-            usage = Usage.from_counts(optuna_sql.count_states(conn, self.study_id), epochs)
+            confirm_waiting = (optuna_sql.count_trials_with(
+                conn, self.study_id, attrs.CONFIRMS, state="WAITING")
+                if attrs.CONFIRM in found and budget.seconds is not None else 0)
+            usage = Usage.from_counts(optuna_sql.count_states(conn, self.study_id), epochs,
+                                      confirm_waiting)
         return usage, budget
 
     def verdict(self) -> Verdict:
@@ -272,9 +285,10 @@ class Claimer:
                 usage, budget = self.state()
                 verdict = decide(usage, budget, time.time())
                 if verdict.decision is Decision.TAKE:
-                    trial_id = self._pop_waiting()
+                    trial_id = self._pop_waiting(verdict.confirm_only)
                 if verdict.decision is Decision.CREATE or (
-                        verdict.decision is Decision.TAKE and trial_id is None):
+                        verdict.decision is Decision.TAKE and trial_id is None
+                        and not verdict.confirm_only):
                     # Through the study's own (caching) storage, as Study.ask does, so the
                     # trial's parameters can be set through it later.
                     trial_id = created = self.study._storage.create_new_trial(self.study_id)
@@ -324,11 +338,14 @@ class Claimer:
         self.study._thread_local.cached_all_trials = None  # as Study.ask does (optuna 5)
         return optuna.Trial(self.study, trial_id)
 
-    def _pop_waiting(self) -> int | None:
-        """The oldest queued trial, now RUNNING (the caller holds the budget lock)."""
+    def _pop_waiting(self, confirm_only: bool = False) -> int | None:
+        """The oldest queued trial (of the confirm runs only, if ``confirm_only``), now
+        RUNNING (the caller holds the budget lock)."""
         storage = self.study._storage
         for queued in storage.get_all_trials(self.study_id, deepcopy=False,
                                              states=(TrialState.WAITING,)):
+            if confirm_only and attrs.CONFIRMS not in queued.system_attrs:
+                continue
             try:
                 if storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
                     return queued._trial_id

@@ -266,14 +266,19 @@ def failed_models(conn: sqlalchemy.Connection, study_id: int, key: str
     return [(tid, json.loads(artifact)) for tid, artifact in rows]
 
 
-def count_trials_with(conn: sqlalchemy.Connection, study_id: int, key: str, without: str
-                      ) -> int:
-    """How many of the study's trials carry the system attribute ``key`` but not ``without``."""
-    return int(conn.execute(_text(
-        "SELECT count(*) FROM trials t JOIN trial_system_attributes a "
-        "ON a.trial_id = t.trial_id AND a.key = :key WHERE t.study_id = :sid AND NOT EXISTS "
-        "(SELECT 1 FROM trial_system_attributes w WHERE w.trial_id = t.trial_id "
-        "AND w.key = :without)"), {"sid": study_id, "key": key, "without": without}).scalar())
+def count_trials_with(conn: sqlalchemy.Connection, study_id: int, key: str,
+                      without: str | None = None, state: str | None = None) -> int:
+    """How many of the study's trials carry the system attribute ``key`` (but not
+    ``without``; in the state named ``state`` only, if given)."""
+    sql = ("SELECT count(*) FROM trials t JOIN trial_system_attributes a "
+           "ON a.trial_id = t.trial_id AND a.key = :key WHERE t.study_id = :sid")
+    if without is not None:
+        sql += (" AND NOT EXISTS (SELECT 1 FROM trial_system_attributes w "
+                "WHERE w.trial_id = t.trial_id AND w.key = :without)")
+    if state is not None:
+        sql += " AND t.state = :state"
+    return int(conn.execute(_text(sql), {"sid": study_id, "key": key, "without": without,
+                                         "state": state}).scalar())
 
 
 def system_attr_trials(conn: sqlalchemy.Connection, study_id: int, key: str) -> set[int]:
