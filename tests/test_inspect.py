@@ -264,7 +264,13 @@ def test_what_the_commands_print_at_the_edges() -> None:
     assert "nothing to export; its 2 trials pruned and 1 failed are all it ran" in spent
     assert "wait for a worker" in render.no_completed_trial("s", "show", ["FAIL", "RUNNING"])
     one = render.confirm_queued("s", Queued(1, 2, [4], 2, added=2), (1, 2))
-    assert "the best configuration (trial #4), 2 new seeds each" in one
+    assert "Queued 2 runs in study" in one
+    assert "the best configuration (trial #4), 2 new seeds." in one
+    single = render.confirm_queued("s", Queued(1, 1, [4], 1, added=1), (1, 1))
+    assert single.startswith("Queued 1 run in study 's': the best configuration (trial #4), "
+                             "1 new seed. The study's budget grew by 1")
+    assert "2 runs of trial #4 were queued before (2 seeds)" in render.confirm_queued(
+        "s", Queued(1, 2, [4], 2), (1, 2))
     again = render.confirm_queued("s", Queued(1, 2, [4], 2), (3, 5))
     assert again.endswith("--top 3 --seeds 5 were not used: a study is confirmed once (give "
                           "the search a new study name to confirm afresh).")

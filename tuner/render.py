@@ -173,17 +173,19 @@ def run_interrupted() -> str:
 def confirm_queued(study: str, q: Queued, asked: tuple[int, int]) -> str:
     """What ``tuner confirm`` did; ``asked``: its ``--top`` and ``--seeds``."""
     configs = ", ".join(f"#{n}" for n in q.configs)
-    seeds = f"{q.seeds} new seed{'s' if q.seeds > 1 else ''} each"
+    seeds = f"{count(q.seeds, 'new seed')}{' each' if len(q.configs) > 1 else ''}"
     if not q.new:
         unused = ""
         if asked != (q.top, q.seeds):
             unused = (f" --top {asked[0]} --seeds {asked[1]} were not used: a study is "
                       "confirmed once (give the search a new study name to confirm afresh).")
-        return (f"Study {study!r} was already confirmed: {q.trials} runs of trials {configs} "
-                f"were queued before ({q.seeds} seeds each); `tuner best` ranks them.{unused}")
+        runs_of = "trial" if len(q.configs) == 1 else "trials"
+        return (f"Study {study!r} was already confirmed: {count(q.trials, 'run')} of "
+                f"{runs_of} {configs} were queued before ({count(q.seeds, 'seed')}"
+                f"{' each' if len(q.configs) > 1 else ''}); `tuner best` ranks them.{unused}")
     top = "the best configuration (trial" if len(q.configs) == 1 else \
         f"the top {len(q.configs)} configurations (trials"
-    return (f"Queued {q.added} runs in study {study!r}: {top} {configs}), {seeds}. The "
+    return (f"Queued {count(q.added, 'run')} in study {study!r}: {top} {configs}), {seeds}. The "
             f"study's budget grew by {q.added}; workers run them next (start one with "
             f"`tuner worker --study {study}` if none is running), then `tuner best` ranks "
             "them.")
