@@ -160,7 +160,8 @@ def test_a_confirm_run_trains_to_the_end_where_a_search_trial_is_pruned(
     from tuner.storage import open_storage
     from tuner.worker import work
 
-    path = write_study(tmp_path, "whole", n_trials=3, epochs=3, pruner="median", patience=3)
+    path = write_study(tmp_path, "whole", n_trials=3, epochs=3, pruner="median", patience=3,
+                       extra_study="pruner_warmup = 0")
     storage = open_storage(pg_url)
     studies.create_or_resume(load_spec(path), storage, str(tmp_path / "artifacts"))
     study, spec = studies.load("whole", storage)
@@ -176,6 +177,36 @@ def test_a_confirm_run_trains_to_the_end_where_a_search_trial_is_pruned(
         origin = trials[run.system_attrs["tuner:confirms"]]
         assert run.state.name == "COMPLETE" and run.user_attrs["epochs_run"] == 3
         assert run.params == origin.params and run.value != origin.value
+
+
+class _PruneAtEpochTwo(optuna.pruners.BasePruner):
+    """Prunes every trial that has reported its second epoch."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.last_step is not None and trial.last_step >= 2
+
+
+def test_a_trial_is_never_pruned_at_its_last_epoch(tmp_path: Path, pg_url: str) -> None:
+    """Stopping a trial after its last epoch saves nothing and would throw its result away:
+    with 2-epoch trials a pruner that stops everything at epoch 2 stops nothing, with 3-epoch
+    trials it stops each after 2."""
+    from tuner import study as studies
+    from tuner.spec import load_spec
+    from tuner.storage import open_storage
+    from tuner.worker import work
+
+    storage = open_storage(pg_url)
+    for epochs, state, run in ((2, "COMPLETE", 2), (3, "PRUNED", 2)):
+        name = f"last{epochs}"
+        path = write_study(tmp_path, name, n_trials=2, epochs=epochs, pruner="median",
+                           patience=epochs, extra_study="pruner_warmup = 0")
+        studies.create_or_resume(load_spec(path), storage, str(tmp_path / "artifacts"))
+        study, spec = studies.load(name, storage)
+        study.pruner = _PruneAtEpochTwo()
+        work(storage, study, spec)
+        trials = study.get_trials()
+        assert [t.state.name for t in trials] == [state, state]
+        assert [t.user_attrs["epochs_run"] for t in trials] == [run, run]
 
 
 _CONFIRM_KILLED_HALFWAY = """

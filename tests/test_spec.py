@@ -87,6 +87,11 @@ def test_spec_round_trips_through_json_form() -> None:
     ({"study": {"name": "s", "pruner": "wilcoxon"}}, "[study] pruner: unknown pruner 'wilcoxon'"),
     ({"study": {"name": "s", "pruner_warmup": 8}, "model": {"epochs": 8}},
      "[study] pruner_warmup: 8 epochs of warm-up in trials of 8 ([model] epochs) leave no epoch"),
+    ({"study": {"name": "s", "pruner_warmup": 7}, "model": {"epochs": 8}},
+     "leave no epoch at which to stop a trial early (never at its last): lower it to at most 6"),
+    ({"study": {"name": "s", "pruner_warmup": 0}, "model": {"epochs": 1}},
+     "1 ([model] epochs) leave no epoch at which to stop a trial early (never at its last): "
+     "remove it, or set pruner = \"none\""),
     (minimal(model={"family": "resnet"}), "[model] family: unknown model family 'resnet'"),
     (minimal(data={"source": "mnist"}), "[data] source: unknown data source 'mnist'"),
     (minimal(data={"source": "keras:svhn"}), "[data] source: unknown keras dataset 'svhn'"),

@@ -179,10 +179,12 @@ def parse_spec(raw: dict[str, Any], where: str = "<study>") -> StudySpec:
     default_trials = 20 if epoch_budget is None and time_budget is None else None
     pruner = p.choice(study, "study", "pruner", "median", PRUNERS)
     warmup = p.integer(study, "study", "pruner_warmup", None, minimum=0)
-    if warmup is not None and warmup >= epochs and pruner != "none":
+    if warmup is not None and warmup >= epochs - 1 and pruner != "none":
+        # the first epoch a trial may be stopped at is warm-up + 1, and never the last one
+        lower = f"lower it to at most {epochs - 2}" if epochs > 2 else "remove it"
         p.fail("study", "pruner_warmup", f"{warmup} epochs of warm-up in trials of {epochs} "
-               "([model] epochs) leave no epoch at which to stop a trial early: lower it, or "
-               "set pruner = \"none\"")
+               "([model] epochs) leave no epoch at which to stop a trial early (never at its "
+               f"last): {lower}, or set pruner = \"none\"")
     return StudySpec(
         name=name,
         n_trials=p.integer(study, "study", "n_trials", default_trials, minimum=1),

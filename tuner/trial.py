@@ -150,7 +150,9 @@ class _EpochReporter(keras.callbacks.Callback):
     (pruned and running trials have theirs too): ``t`` is seconds since the trial started at
     each epoch's end, ``train_loss`` and ``val_loss`` the cross-entropies. The pruner is asked
     from epoch ``prune_from`` on (``None``: never); before that it could only say no, and each
-    question costs a read of the trial.
+    question costs a read of the trial. Never at the last epoch: stopping the trial there
+    saves nothing, and would throw its finished result away (KerasTuner's Hyperband and Ray
+    Tune's ASHA likewise complete a trial that reaches the full budget).
     """
 
     def __init__(self, trial: optuna.Trial, recorder: Recorder, started: float,
@@ -178,7 +180,8 @@ class _EpochReporter(keras.callbacks.Callback):
         self.curve["train_loss"].append(_curve_point(logs[TRAIN_LOSS]))
         self.curve["val_loss"].append(_curve_point(float(value)))
         self.recorder.epoch(epoch + 1, float(value), self.curve)
-        if self.prune_from is not None and epoch + 1 >= self.prune_from \
+        last = epoch + 1 >= (self.params or {}).get("epochs", math.inf)
+        if self.prune_from is not None and epoch + 1 >= self.prune_from and not last \
                 and self.trial.should_prune():
             self.pruned_at = epoch + 1
             self.model.stop_training = True
