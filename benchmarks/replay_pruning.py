@@ -63,9 +63,9 @@ def _rule(kind: str, spec: Any) -> Any:
                                          n_startup_steps=pruning.warmup_epochs(spec) + 1)
 
 
-def replay(curves: list[dict[str, Any]], pruner: Any) -> dict[str, float]:
+def replay(curves: list[dict[str, Any]], pruner: Any, max_epochs: int) -> dict[str, float]:
     """Tell ``curves`` (in order) to an in-memory study with ``pruner``; what it trained and
-    picked."""
+    picked. As in a trial, the pruner is not asked at the last epoch (``max_epochs``)."""
     import optuna
 
     # A fixed name: Hyperband puts a trial in its bracket by a hash of the study's name.
@@ -78,7 +78,7 @@ def replay(curves: list[dict[str, Any]], pruner: Any) -> dict[str, float]:
         for step, value in enumerate(c["val_loss"], start=1):
             trial.report(value, step)
             epochs += 1
-            if trial.should_prune():
+            if step < max_epochs and trial.should_prune():
                 pruned = True
                 break
         if pruned:
@@ -118,7 +118,7 @@ def main() -> None:
         ds = known[search["dataset"]]
         curves = sorted(search["curves"], key=lambda c: c["number"])
         for size in [s for s in SIZES if s <= len(curves)] or [len(curves)]:
-            base = replay(curves[:size], optuna.pruners.NopPruner())
+            base = replay(curves[:size], optuna.pruners.NopPruner(), 0)
             for label, kind, warmup, startup in RULES:
                 spec = load_spec(study_file(
                     args.out / "replay", "replay", ds, seed=0, n_trials=size,
@@ -127,7 +127,7 @@ def main() -> None:
                 default = pruning.STARTUP_TRIALS
                 pruning.STARTUP_TRIALS = default if startup is None else startup
                 try:
-                    got = replay(curves[:size], _rule(kind, spec))
+                    got = replay(curves[:size], _rule(kind, spec), spec.model.epochs)
                 finally:
                     pruning.STARTUP_TRIALS = default
                 results.append({
