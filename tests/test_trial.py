@@ -357,6 +357,48 @@ def test_epochs_written_behind_training_arrive_in_order_and_before_the_last_attr
     storage.engine.dispose()
 
 
+def test_epochs_within_the_write_interval_go_in_one_write_and_attrs_do_not_wait_for_it(
+        pg_url) -> None:
+    """A fast trial's epochs are gathered for the interval (a GPU trains a small model's epoch
+    in less time than its write takes), the first one written at once; the trial's last
+    attributes flush them without waiting out the interval."""
+    import time
+
+    from tuner.storage import open_storage
+    from tuner.worker import SqlRecorder
+
+    storage = open_storage(pg_url)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    recorder = SqlRecorder(trial, storage, trial._trial_id, interval=3)
+
+    def written() -> dict[int, float]:
+        return storage.get_trial(trial._trial_id).intermediate_values
+
+    recorder.epoch(1, 1.0, {"val_loss": [1.0]})
+    deadline = time.monotonic() + 10
+    while not written() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    assert written() == {1: 1.0}
+    for step in range(2, 6):
+        recorder.epoch(step, 1.0 / step, {"val_loss": [1.0 / s for s in range(1, step + 1)]})
+    time.sleep(0.5)
+    if time.monotonic() - started < 2.5:  # the machine did not stall past the interval
+        assert written() == {1: 1.0}
+    while len(written()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(written()) == [1, 2, 3, 4, 5]  # the interval ended: written unasked
+    recorder.epoch(6, 0.1, {"val_loss": [0.1] * 6})
+    began = time.monotonic()
+    recorder.attrs({"epochs_run": 6})
+    assert time.monotonic() - began < 2.5  # not the 3 s interval
+    assert sorted(written()) == [1, 2, 3, 4, 5, 6]
+    assert storage.get_trial(trial._trial_id).user_attrs["curve"]["val_loss"] == [0.1] * 6
+    recorder.close()
+    storage.engine.dispose()
+
+
 @pytest.mark.parametrize("recorder", ["worker's (SQL)", "Optuna's"])
 def test_a_trial_told_from_its_own_copy_matches_the_database(arrays, tmp_path, pg_url,
                                                               recorder) -> None:

@@ -103,6 +103,11 @@ def db_retry_seconds() -> int:
     return _seconds("TUNER_DB_RETRY_SECONDS", 300)
 
 
+def epoch_write_interval() -> int:
+    """Seconds a running trial's epochs are gathered before they are written (0: each epoch)."""
+    return _seconds("TUNER_EPOCH_WRITE_INTERVAL", 1)
+
+
 def figure_interval() -> int:
     """Seconds between two updates of a study's dashboard figures (0: after every trial)."""
     return _seconds("TUNER_FIGURE_INTERVAL", 30)

@@ -36,7 +36,7 @@ from tuner.errors import RuntimeFailure
 from tuner.pruning import warmup_epochs
 from tuner.render import duration, no_gpu_seen, waiting
 from tuner.retention import Retention
-from tuner.settings import artifacts_dir
+from tuner.settings import artifacts_dir, epoch_write_interval
 from tuner.spec import StudySpec
 from tuner.storage import DatabaseGone, retry_on_disconnect
 
@@ -262,18 +262,26 @@ class SqlRecorder:
     Epochs are written by a thread of their own, in order, so training never waits for the
     database: the pruner reads this trial's values from the trial's own copy, updated at
     once (:func:`tuner.budget.remember_report`; its curve and attributes too, which
-    :meth:`tuner.budget.Claimer.tell` returns). Epochs that queue up while the database is
-    slow go in one transaction. :meth:`attrs` first waits for every epoch to be written, so a
-    trial's last attributes, and its tell, come after its curve. A refusal (another worker
-    judged the trial dead) is raised at the next epoch or at :meth:`attrs`.
+    :meth:`tuner.budget.Claimer.tell` returns). Epochs that come within ``interval`` seconds
+    of the last write (``$TUNER_EPOCH_WRITE_INTERVAL``, 1 s), or queue up while the database
+    is slow, go in one transaction: a GPU trains a small model's epoch in a fraction of a
+    second, and a write per epoch would cost more than the epoch. Nothing that decides reads
+    them sooner: a pruner compares with finished trials, and heartbeats have their own thread;
+    the dashboard's live curve and an epoch budget's count lag by at most the interval.
+    :meth:`attrs` first has every epoch written at once, so a trial's last attributes, and its
+    tell, come after its curve. A refusal (another worker judged the trial dead) is raised at
+    the next epoch or at :meth:`attrs`.
     """
 
-    def __init__(self, trial: optuna.Trial, storage: RDBStorage, trial_id: int) -> None:
+    def __init__(self, trial: optuna.Trial, storage: RDBStorage, trial_id: int,
+                 interval: float | None = None) -> None:
         self.trial, self.storage, self.trial_id = trial, storage, trial_id
+        self.interval = epoch_write_interval() if interval is None else interval
         self._changed = threading.Condition()
         self._queued: list[tuple[int, float]] = []
         self._curve: dict[str, list[float]] = {}
-        self._writing = self._closing = False
+        self._writing = self._closing = self._hurry = False
+        self._last_write = -math.inf  # monotonic seconds: the first epoch is written at once
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -305,8 +313,11 @@ class SqlRecorder:
     def flush(self) -> None:
         """Wait until every epoch reported so far is written (or refused: raised here)."""
         with self._changed:
+            self._hurry = True  # what is queued is written now, not at the interval's end
+            self._changed.notify_all()
             while self._queued or self._writing:
                 self._changed.wait()
+            self._hurry = False
         self._raise_refusal()
 
     def close(self) -> None:
@@ -326,8 +337,14 @@ class SqlRecorder:
             with self._changed:
                 while not self._queued and not self._closing:
                     self._changed.wait()
+                while self._queued and not (self._closing or self._hurry):
+                    left = self._last_write + self.interval - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._changed.wait(left)  # later epochs join this write
                 if not self._queued:
                     return
+                self._last_write = time.monotonic()
                 reports, curve = self._queued, self._curve
                 self._queued, self._writing = [], True
             error = self._write(reports, curve) if self._error is None else None
