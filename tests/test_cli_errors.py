@@ -110,6 +110,13 @@ def test_a_changed_study_file_says_what_changed(tmp_path: Path) -> None:
     assert_one_line(result, 2, "study 'same' already exists with another [model] epochs (16, "
                     "stored 2), [search] dropout", "only n_trials, epoch_budget")
     assert "n_trials" not in result.stderr.split(";")[0]  # a budget may change
+    timed = write_study(tmp_path, "same", epochs=2, extra_study='time_budget = "2h"')
+    result = cli("create", str(timed), "--storage", url)
+    assert result.returncode == 0, result.stderr
+    assert "Changed: time_budget unset → 2h;" in result.stdout
+    timed.write_text(timed.read_text().replace('"2h"', '"90s"'))
+    assert "Changed: time_budget 2h → 1m 30s;" in cli("create", str(timed), "--storage",
+                                                       url).stdout
 
 
 def test_an_artifact_directory_that_cannot_be_used(tmp_path: Path) -> None:
@@ -160,6 +167,12 @@ def test_bad_flag_is_one_line(tmp_path: Path) -> None:
     assert_one_line(result, 2, "--timeout: must be more than 0 seconds, got 0m")
 
 
+def test_a_flag_the_verb_does_not_take_points_at_the_verbs_help(tmp_path: Path) -> None:
+    result = cli("best", "--study", "x", "--top", "3", cwd=tmp_path)
+    assert_one_line(result, 2, "tuner best: unrecognized arguments: --top 3 (see `tuner best "
+                    "--help`)")
+
+
 def test_timeout_takes_a_duration_as_the_study_file_does() -> None:
     from tuner.cli import build_parser
 
@@ -193,6 +206,20 @@ def test_a_url_without_a_driver_uses_psycopg2(tmp_path: Path, pg_url: str, schem
 def test_a_database_tuner_does_not_run_on_is_one_line() -> None:
     result = cli("status", "--storage", "mysql+pymysql://root@127.0.0.1/test")
     assert_one_line(result, 2, "mysql is not supported", "postgresql+psycopg2://")
+
+
+def test_a_driver_tuner_does_not_install_is_one_line() -> None:
+    result = cli("best", "--study", "x", "--storage", "postgresql+psycopg://postgres@127.0.0.1/test")
+    assert_one_line(result, 2, "the driver 'postgresql+psycopg' is not installed",
+                    "postgresql+psycopg2://")
+
+
+def test_status_on_a_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "study.toml").write_text("[study]\nname = 'x'\n")
+    for study in ([], ["--study", "x"]):
+        result = cli("status", *study, "--storage", "sqlite:///study.toml", cwd=tmp_path)
+        assert_one_line(result, 1, "cannot open storage sqlite:///study.toml: file is not a "
+                        "database")
 
 
 def test_settings_from_the_environment_are_named_as_such(tmp_path: Path) -> None:

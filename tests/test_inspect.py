@@ -268,7 +268,11 @@ def test_what_the_commands_print_at_the_edges() -> None:
     assert "the best configuration (trial #4), 2 new seeds." in one
     single = render.confirm_queued("s", Queued(1, 1, [4], 1, added=1), (1, 1))
     assert single.startswith("Queued 1 run in study 's': the best configuration (trial #4), "
-                             "1 new seed. The study's budget grew by 1")
+                             "1 new seed. The study's budget grew by 1 trial. Workers run")
+    timed = render.confirm_queued("s", Queued(2, 2, [4, 5], 4, added=4), (2, 2),
+                                  (False, 15, True))
+    assert ("2 new seeds each. The study's budget grew by 60 epochs. They start even once its "
+            "time budget is spent. Workers run them next") in timed
     assert "2 runs of trial #4 were queued before (2 seeds)" in render.confirm_queued(
         "s", Queued(1, 2, [4], 2), (1, 2))
     again = render.confirm_queued("s", Queued(1, 2, [4], 2), (3, 5))

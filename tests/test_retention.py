@@ -171,6 +171,21 @@ def test_keep_models_0_keeps_none_and_export_says_why(tmp_path: Path, pg_url: st
     assert export.returncode == 2, export.stderr
     lines = export.stderr.strip().splitlines()
     assert len(lines) == 1 and "keeps no models ([study] keep_models = 0)" in lines[0]
+    # keep_models raised after the fact: the best trial still has none, and the line says why
+    # and how to get one (a confirm run keeps its model whatever keep_models says)
+    study.write_text(study.read_text().replace("keep_models = 0", "keep_models = 1"))
+    assert cli("create", str(study), "--storage", pg_url, cwd=tmp_path).returncode == 0
+    export = cli("best", "--study", "none", "--storage", pg_url, "--export-model",
+                 str(tmp_path / "m.keras"))
+    assert export.returncode == 1 and export.stderr.count("\n") == 1, export.stderr
+    assert "none was kept when it finished (keep_models was 0 then" in export.stderr
+    assert cli("confirm", "--study", "none", "--storage", pg_url, "--top", "1", "--seeds",
+               "1").returncode == 0
+    assert cli("worker", "--study", "none", "--storage", pg_url, "--gpus", "none",
+               cwd=tmp_path).returncode == 0
+    export = cli("best", "--study", "none", "--storage", pg_url, "--export-model",
+                 str(tmp_path / "m.keras"))
+    assert export.returncode == 0 and (tmp_path / "m.keras").stat().st_size > 0, export.stderr
 
 
 @pytest.mark.parametrize("value", ["-1", '"some"', "1.5", "true"])

@@ -32,6 +32,18 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """As argparse's, but a flag the verb does not take is reported by the verb's own
+        parser, so the message points at its help (``tuner best --help``)."""
+        opts, extra = self.parse_known_args(args, namespace)
+        if extra:
+            verb = getattr(opts, "verb", None)
+            prog = f"{self.prog} {verb}" if verb else self.prog
+            raise UserError(f"{prog}: unrecognized arguments: {' '.join(extra)} "
+                            f"(see `{prog} --help`)")
+        return opts
+
 
 def _storage_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", metavar="URL",

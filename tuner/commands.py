@@ -83,9 +83,12 @@ def confirm(opts: argparse.Namespace, out: TextIO) -> int:
     from tuner.storage import open_storage
 
     storage = open_storage(_existing_url(opts))
-    study, _ = studies.load(opts.study, storage)
+    study, spec = studies.load(opts.study, storage)
     queued = confirming.queue(study, storage, opts.top, opts.seeds)
-    _say(out, render.confirm_queued(opts.study, queued, (opts.top, opts.seeds)))
+    budgets = (spec.n_trials is not None,
+               spec.model.epochs if spec.epoch_budget is not None else None,
+               spec.time_budget is not None)
+    _say(out, render.confirm_queued(opts.study, queued, (opts.top, opts.seeds), budgets))
     return ExitCode.OK
 
 

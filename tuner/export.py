@@ -37,13 +37,18 @@ def export_best_model(study: optuna.Study, path: str | os.PathLike[str],
         raise UserError(f"--export-model {path}: give a file name ending in .keras (Keras "
                         "reads the format from the extension) or a folder that exists")
     artifact_id = best.user_attrs.get(attrs.MODEL_ARTIFACT)
+    retrain = (f"`tuner confirm --study {study.study_name} --top 1 --seeds 1` retrains its "
+               "configuration, and a confirm run always keeps its model")
     if not artifact_id and (study.user_attrs.get(attrs.SPEC) or {}).get("keep_models") == 0:
         raise UserError(f"study {study.study_name!r} keeps no models ([study] keep_models = 0):"
-                        " set keep_models to 1 or more in the study file, run `tuner create` "
-                        "with it, and the next trials that reach the best keep theirs")
+                        " set keep_models to 1 or more in the study file and run `tuner "
+                        f"create` with it (the next trials that reach the best keep theirs), "
+                        f"or {retrain}")
     if not artifact_id:
         raise RuntimeFailure(f"best trial #{best.number} of study {study.study_name!r} has no "
-                             "saved model (it finished without an artifact store)")
+                             "saved model: none was kept when it finished (keep_models was 0 "
+                             "then, or a tuner worker did not run it); a trial that beats it "
+                             f"will keep its model, or {retrain}")
     store_dir = artifacts_dir(artifacts_override, study.user_attrs.get(attrs.ARTIFACTS))
     missing = (f"the saved model of best trial #{best.number} (artifact {artifact_id}) is "
                f"missing: looked in {store_dir.resolve()}")

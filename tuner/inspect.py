@@ -102,7 +102,7 @@ def all_status(engine: sqlalchemy.Engine, name: str | None = None) -> list[Study
         with engine.connect() as conn:
             found = optuna_sql.studies(conn, name)
             known = [n for _, n in optuna_sql.studies(conn)] if name and not found else []
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as exc:
+    except sqlalchemy.exc.DBAPIError as exc:  # unreachable, not a database, no tables yet
         if not optuna_sql.is_missing_table(exc):
             raise unreachable(engine.url.render_as_string(hide_password=False), exc) from None
         found, known = [], []  # a database nothing has run in yet: no Optuna tables

@@ -170,8 +170,11 @@ def run_interrupted() -> str:
     return "Interrupted: the running trial was given back; run the same command to resume."
 
 
-def confirm_queued(study: str, q: Queued, asked: tuple[int, int]) -> str:
-    """What ``tuner confirm`` did; ``asked``: its ``--top`` and ``--seeds``."""
+def confirm_queued(study: str, q: Queued, asked: tuple[int, int],
+                   budgets: tuple[bool, int | None, bool] = (True, None, False)) -> str:
+    """What ``tuner confirm`` did; ``asked``: its ``--top`` and ``--seeds``; ``budgets``:
+    whether the study sets ``n_trials``, the epochs of a run if it sets an epoch budget, and
+    whether it sets a time budget (how each budget makes room: :mod:`tuner.budget`)."""
     configs = ", ".join(f"#{n}" for n in q.configs)
     seeds = f"{count(q.seeds, 'new seed')}{' each' if len(q.configs) > 1 else ''}"
     if not q.new:
@@ -185,10 +188,15 @@ def confirm_queued(study: str, q: Queued, asked: tuple[int, int]) -> str:
                 f"{' each' if len(q.configs) > 1 else ''}); `tuner best` ranks them.{unused}")
     top = "the best configuration (trial" if len(q.configs) == 1 else \
         f"the top {len(q.configs)} configurations (trials"
-    return (f"Queued {count(q.added, 'run')} in study {study!r}: {top} {configs}), {seeds}. The "
-            f"study's budget grew by {q.added}; workers run them next (start one with "
-            f"`tuner worker --study {study}` if none is running), then `tuner best` ranks "
-            "them.")
+    trials, epochs, timed = budgets
+    grew = [count(q.added, "trial")] if trials else []
+    grew += [f"{q.added * epochs} epochs"] if epochs is not None else []
+    room = f" The study's budget grew by {' and '.join(grew)}." if grew else ""
+    if timed:
+        room += " They start even once its time budget is spent."
+    return (f"Queued {count(q.added, 'run')} in study {study!r}: {top} {configs}), {seeds}."
+            f"{room} Workers run them next (start one with `tuner worker --study {study}` if "
+            "none is running), then `tuner best` ranks them.")
 
 
 # --- best --------------------------------------------------------------------------------------

@@ -73,6 +73,12 @@ def _with_driver(url: str) -> str:
         raise UserError(f"storage URL: {parsed.get_backend_name()} is not supported; use "
                         "PostgreSQL (postgresql+psycopg2://user@host:5432/dbname) or, on one "
                         "machine, SQLite (sqlite:///tuner.db)")
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError:  # postgresql+psycopg (3), +pg8000, +asyncpg: not what tuner installs
+        raise UserError(f"storage URL: the driver {parsed.drivername!r} is not installed; "
+                        "use postgresql+psycopg2://user@host:5432/dbname (or postgresql://), "
+                        "which tuner installs") from None
     return url
 
 

@@ -19,6 +19,7 @@ from optuna.storages import RDBStorage
 from tuner import attrs
 from tuner.errors import UserError
 from tuner.pruning import make_pruner
+from tuner.render import duration
 from tuner.space import param_names
 from tuner.spec import CHANGEABLE_FIELDS, StudySpec
 
@@ -63,7 +64,11 @@ def changed_settings(spec: StudySpec, storage: RDBStorage) -> list[str]:
     if existing is None:
         return []
     def shown(field: str, value: Any) -> str:
-        return '"all"' if field == "keep_models" and value is None else _toml(value)
+        if field == "keep_models" and value is None:
+            return '"all"'
+        if field in ("time_budget", "trial_timeout") and value is not None:
+            return duration(value)  # as the study file writes it: 2h, not 7200.0
+        return _toml(value)
 
     return [f"{field} {shown(field, getattr(existing, field))} → "
             f"{shown(field, getattr(spec, field))}"
