@@ -26,7 +26,7 @@ from hypothesis.stateful import (
 )
 from optuna.trial import TrialState
 
-from tuner import attrs
+from tuner import attrs, confirm
 from tuner.budget import (
     MAX_RETRY,
     Budget,
@@ -112,7 +112,10 @@ def _usage(complete: int = 0, pruned: int = 0, running: int = 0, waiting: int = 
     (_usage(complete=1, running=1), Budget(None, seconds=60, clock_started=900.0),
      Decision.STOP),
     (_usage(), Budget(None, seconds=60), Decision.CREATE),  # the clock starts at the first claim
-    # Confirm runs queued after the time budget is spent still start; nothing else does.
+    # Confirm runs queued after the epoch or time budget is spent still start; nothing else.
+    (_usage(complete=4, waiting=1, confirm_waiting=1, epochs=130), Budget(None, epochs=100),
+     Decision.TAKE),
+    (_usage(complete=4, waiting=1, epochs=130), Budget(None, epochs=100), Decision.STOP),
     (_usage(complete=4, waiting=2, confirm_waiting=1),
      Budget(None, seconds=60, clock_started=900.0), Decision.TAKE),
     (_usage(complete=4, running=1, waiting=1, confirm_waiting=1),
@@ -496,7 +499,8 @@ class ClaimPath(RuleBasedStateMachine):
 
     A worker is idle, or holds a trial. It may claim, complete, prune or fail its trial, give it
     back, die (its heartbeat goes stale and it starts again idle) or die between creating a
-    trial and its first heartbeat; the budget may change; time may pass. Sweeps judge the dead.
+    trial and its first heartbeat; the budget may change; time may pass; a confirm step may
+    queue runs of the best configurations, once. Sweeps judge the dead.
     """
 
     url: str
@@ -508,6 +512,7 @@ class ClaimPath(RuleBasedStateMachine):
         self.held: dict[int, tuple[optuna.Trial, int]] = {}
         self.dead: set[int] = set()  # trial ids abandoned by dead workers
         self.shrunk = False
+        self.confirmed = False
         self.claimers: list[Claimer] = []
         self.steps = 0
 
@@ -592,9 +597,28 @@ class ClaimPath(RuleBasedStateMachine):
     def change_budget(self, n_trials: int) -> None:
         usage = self.usage()
         _set_budget(self.study, n_trials)
+        if self.confirmed:  # the confirm runs come on top of what the search had spent
+            n_trials = max(n_trials, self.searched) + self.runs
         self.shrunk |= n_trials < self.n_trials
         self.n_trials = n_trials
         self.allowed = max(n_trials, usage.finished + usage.running)
+
+    @rule(top=st.integers(1, 3), seeds=st.integers(1, 2))
+    def confirm(self, top: int, seeds: int) -> None:
+        """`tuner confirm`: its runs are queued and the budget grows by them, even where the
+        search has spent its budget or had it lowered below what it ran."""
+        usage = self.usage()
+        if self.confirmed or not usage.complete:
+            return
+        queued = confirm.queue(self.study, self.storage, top, seeds)
+        # what the search spent, and its running trials: they count once they finish
+        self.confirmed, self.searched = True, usage.finished + usage.running
+        self.runs = queued.added
+        assert queued.added == queued.trials == seeds * len(queued.configs)
+        self.n_trials = max(self.n_trials, self.searched) + self.runs
+        self.allowed = max(self.allowed, self.n_trials)
+        assert self.claimers[0].state()[1].n_trials == self.n_trials
+        assert self.usage().waiting == usage.waiting + queued.added
 
     @rule(seconds=st.floats(0.1, 3.0))
     def time_passes(self, seconds: float) -> None:
@@ -667,6 +691,10 @@ class ClaimPath(RuleBasedStateMachine):
         if not self.shrunk:
             assert usage.finished == self.n_trials
             assert usage.running == 0 and usage.waiting == 0, usage
+        if self.confirmed:  # no confirm run is left behind, whatever the budget went through
+            left = [t.number for t in self.study.get_trials(deepcopy=False)
+                    if attrs.CONFIRMS in t.system_attrs and not t.state.is_finished()]
+            assert not left, f"confirm runs {left} never ran: {usage}"
 
 
 def test_claim_path_model(pg_url: str) -> None:

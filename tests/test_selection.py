@@ -296,6 +296,40 @@ def test_a_confirm_after_the_time_budget_is_spent_still_runs(pg_url: str) -> Non
     assert states.count("WAITING") == 1 and len(states) == 6  # nothing created
 
 
+def test_confirm_runs_are_not_left_behind_by_the_trials_running_when_they_were_queued(
+        pg_url: str) -> None:
+    """Confirmed while search trials still run: those finish and count, the user lowers the
+    budget, the search's last trials overrun its epochs; the confirm runs start all the same."""
+    from tuner import attrs
+    from tuner.budget import Claimer, Decision
+    from tuner.confirm import queue
+    from tuner.storage import ResilientRDBStorage
+
+    storage = ResilientRDBStorage(pg_url)
+    for budget in ({"n_trials": 4}, {"epoch_budget": 6}):
+        study = optuna.create_study(storage=storage)
+        study.set_user_attr(attrs.SPEC, {**budget, "model": {"epochs": 3}})
+        claimer = Claimer(study, storage)
+        held = []
+        for _ in range(3):
+            trial = claimer._trial(claimer.claim_once()[1])
+            trial.suggest_float("x", 0, 1)
+            held.append(trial)
+        for number, trial in enumerate(held[:2]):
+            for step in (1, 2, 3):
+                trial.report(1.0 / step + number, step)
+            claimer.tell(trial, 1.0 / 3 + number)
+        assert queue(study, storage, top=1, seeds=1).added == 1  # trial #2 still running
+        if "n_trials" in budget:
+            study.set_user_attr(attrs.SPEC, {"n_trials": 1, "model": {"epochs": 3}})
+        for step in (1, 2, 3):  # the last search trial finishes, past the epoch budget too
+            held[2].report(0.9, step)
+        claimer.tell(held[2], 0.9)
+        verdict, taken = claimer.claim_once()
+        assert verdict.decision is Decision.TAKE, (budget, verdict)
+        assert attrs.CONFIRMS in storage.get_trial(taken).system_attrs
+
+
 def test_the_confirmed_winner_is_exported_from_a_run_that_kept_its_model(
         tmp_path: Path) -> None:
     """The winning configuration's search trial may have the lowest loss of its runs but

@@ -23,9 +23,10 @@ the next claim of every running worker. Epochs count every reported epoch of eve
 (pruned, failed and running ones too: GPU time was spent on them); the time budget counts from
 the first claim. With an epoch or time budget a running trial always finishes, so the study
 may end a little past it. A confirm step's runs (:mod:`tuner.confirm`) grow ``n_trials`` and the
-epoch budget by what they need, and start whatever the time budget says: a user who asks for
-them after the search's hours are spent still gets them (step 1 lets them through, step 2
-takes only them, and no new trial is created).
+epoch budget by what they need, and start whatever the epoch and time budgets say: a user who
+asks for them after the search's epochs or hours are spent (or while its last trials overrun
+them) still gets them (step 1 lets them through, step 2 takes only them, and no new trial is
+created).
 
 Dead trials: a running trial whose heartbeat is older than the grace period, or that this
 process has seen without any heartbeat for a grace period, is failed and its parameters
@@ -139,7 +140,7 @@ class Usage:
     waiting: int = 0
     failed: int = 0
     epochs: int = 0
-    confirm_waiting: int = 0  # queued confirm runs, counted only where a time budget is set
+    confirm_waiting: int = 0  # queued confirm runs, counted where an epoch or time budget is set
 
     @property
     def finished(self) -> int:
@@ -156,7 +157,7 @@ class Usage:
 class Verdict:
     decision: Decision
     reason: str = ""  # why a worker stops, for its last line
-    confirm_only: bool = False  # TAKE: the time budget is spent, only a confirm run may start
+    confirm_only: bool = False  # TAKE: the epoch or time budget is spent: only confirm runs
 
 
 def decide(usage: Usage, budget: Budget, now: float) -> Verdict:
@@ -164,16 +165,18 @@ def decide(usage: Usage, budget: Budget, now: float) -> Verdict:
     n = budget.n_trials
     if n is not None and usage.finished >= n:
         return Verdict(Decision.STOP, f"study budget of {count(n, 'trial')} is spent")
-    if budget.epochs is not None and usage.epochs >= budget.epochs:
-        return Verdict(Decision.STOP, f"study budget of {budget.epochs} epochs is spent")
+    out_of_epochs = budget.epochs is not None and usage.epochs >= budget.epochs
     out_of_time = (budget.seconds is not None and budget.clock_started is not None
                    and now - budget.clock_started >= budget.seconds)
+    if out_of_epochs and not usage.confirm_waiting:
+        return Verdict(Decision.STOP, f"study budget of {budget.epochs} epochs is spent")
     if out_of_time and not usage.confirm_waiting:
         return Verdict(Decision.STOP, f"study time budget of {duration(budget.seconds)} "
                                       "is spent")
+    spent = out_of_epochs or out_of_time
     if usage.waiting and (n is None or usage.finished + usage.running < n):
-        return Verdict(Decision.TAKE, confirm_only=out_of_time)
-    if out_of_time:  # confirm runs queued, their slots held by running trials
+        return Verdict(Decision.TAKE, confirm_only=spent)
+    if spent:  # confirm runs queued, their slots held by running trials
         return Verdict(Decision.WAIT)
     if n is None or usage.finished + usage.running + usage.waiting < n:
         return Verdict(Decision.CREATE)
@@ -229,7 +232,8 @@ class Claimer:
                       if budget.epochs is not None else 0)
             confirm_waiting = (optuna_sql.count_trials_with(
                 conn, self.study_id, attrs.CONFIRMS, state="WAITING")
-                if attrs.CONFIRM in found and budget.seconds is not None else 0)
+                if attrs.CONFIRM in found and (budget.seconds is not None
+                                               or budget.epochs is not None) else 0)
             usage = Usage.from_counts(optuna_sql.count_states(conn, self.study_id), epochs,
                                       confirm_waiting)
         return usage, budget

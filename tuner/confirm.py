@@ -70,12 +70,13 @@ def queue(study: optuna.Study, storage: RDBStorage, top: int, seeds: int) -> Que
             if not best:
                 raise UserError(f"study {study.study_name!r} has no completed trial to confirm "
                                 "yet (see `tuner status`)")
-            # What the search has spent so far: the confirm runs come on top of it, even in a
-            # study whose budget was lowered below it (they would never run otherwise).
+            # What the search has spent so far, and the trials it is running (they will
+            # count when they finish): the confirm runs come on top of it, even in a study
+            # whose budget was lowered below it (they would never run otherwise).
             request = {"top": top, "seeds": seeds, "configs": [t.number for t in best],
                        "trials": len(best) * seeds,
-                       "searched": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                                       for t in trials),
+                       "searched": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                   TrialState.RUNNING) for t in trials),
                        "searched_epochs": sum(len(t.intermediate_values) for t in trials)}
             study.set_user_attr(attrs.CONFIRM, request)
         queued = Counter(t.system_attrs[attrs.CONFIRMS] for t in trials
