@@ -214,6 +214,16 @@ def test_a_driver_tuner_does_not_install_is_one_line() -> None:
                     "postgresql+psycopg2://")
 
 
+def test_an_sqlite_url_naming_a_folder_or_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+    result = cli("status", "--storage", f"sqlite:///{tmp_path}")
+    assert_one_line(result, 2, f"storage URL: {tmp_path} is a folder; name a database file in "
+                    f"it, as in sqlite:///{tmp_path / 'tuner.db'}")
+    missing = tmp_path / "nope" / "tuner.db"
+    result = cli("run", str(write_study(tmp_path)), "--storage", f"sqlite:///{missing}")
+    assert_one_line(result, 2, f"the folder {missing.parent} does not exist")
+    assert not missing.parent.exists()
+
+
 def test_status_on_a_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text("[study]\nname = 'x'\n")
     for study in ([], ["--study", "x"]):

@@ -79,6 +79,14 @@ def _with_driver(url: str) -> str:
         raise UserError(f"storage URL: the driver {parsed.drivername!r} is not installed; "
                         "use postgresql+psycopg2://user@host:5432/dbname (or postgresql://), "
                         "which tuner installs") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        path = Path(parsed.database).expanduser()
+        if path.is_dir():
+            raise UserError(f"storage URL: {path} is a folder; name a database file in it, "
+                            f"as in sqlite:///{path / 'tuner.db'}")
+        if not path.parent.is_dir():
+            raise UserError(f"storage URL: the folder {path.parent} does not exist; create it "
+                            "or name a database file in a folder that does")
     return url
 
 
