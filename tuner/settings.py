@@ -57,7 +57,9 @@ def storage_url(flag: str | None = None, password_file: str | None = None) -> st
 
 
 def _with_driver(url: str) -> str:
-    """``postgresql://`` and ``postgres://`` URLs with the driver tuner installs (psycopg2).
+    """``postgresql://`` and ``postgres://`` URLs with the driver tuner installs (psycopg2);
+    a URL tuner cannot use (another database, a driver not installed, an SQLite file that
+    cannot be) refused in one line.
 
     SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3, which tuner does not install,
     and does not know ``postgres://`` (the form many hosting services hand out). A URL that
@@ -80,14 +82,18 @@ def _with_driver(url: str) -> str:
                         "use postgresql+psycopg2://user@host:5432/dbname (or postgresql://), "
                         "which tuner installs") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database:
-        path = Path(parsed.database).expanduser()
-        if path.is_dir():
-            raise UserError(f"storage URL: {path} is a folder; name a database file in it, "
-                            f"as in sqlite:///{path / 'tuner.db'}")
-        if not path.parent.is_dir():
-            raise UserError(f"storage URL: the folder {path.parent} does not exist; create it "
-                            "or name a database file in a folder that does")
+        _check_sqlite_file(Path(parsed.database).expanduser())
     return url
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """SQLite says only "unable to open database file" for a folder or a missing folder."""
+    if path.is_dir():
+        raise UserError(f"storage URL: {path} is a folder; name a database file in it, "
+                        f"as in sqlite:///{path / 'tuner.db'}")
+    if not path.parent.is_dir():
+        raise UserError(f"storage URL: the folder {path.parent} does not exist; create it "
+                        "or name a database file in a folder that does")
 
 
 def artifacts_dir(flag: str | None = None, recorded: str | None = None,
