@@ -46,21 +46,46 @@ RULES = [("median (default)", "median", None, None),
          ("successive halving, warm-up 1", "successive-halving", 1, None),
          ("wilcoxon p 0.1, default warm-up", "wilcoxon:0.1", None, None),
          ("wilcoxon p 0.1, warm-up 1", "wilcoxon:0.1", 1, None),
-         ("wilcoxon p 0.05, default warm-up", "wilcoxon:0.05", None, None)]
+         ("wilcoxon p 0.05, default warm-up", "wilcoxon:0.05", None, None),
+         ("median, warm-up by augmentation (1 to default)", "augment-warmup", None, None)]
 SIZES = (12, 24, 48)
 
 
 def _rule(kind: str, spec: Any) -> Any:
-    """tuner's pruner for ``kind``, or Optuna's WilcoxonPruner (``wilcoxon:P``) as a plain
-    Optuna script would use it, from the same first epoch as tuner's rules."""
+    """tuner's pruner for ``kind``, Optuna's WilcoxonPruner (``wilcoxon:P``) as a plain
+    Optuna script would use it, from the same first epoch as tuner's rules, or the median rule
+    with a warm-up scaled by each trial's augmentation (``augment-warmup``)."""
     import optuna
 
     from tuner import pruning
 
+    if kind == "augment-warmup":
+        return _augment_warmup(spec)
     if not kind.startswith("wilcoxon:"):
         return pruning.make_pruner(replace(spec))
     return optuna.pruners.WilcoxonPruner(p_threshold=float(kind.split(":")[1]),
                                          n_startup_steps=pruning.warmup_epochs(spec) + 1)
+
+
+def _augment_warmup(spec: Any) -> Any:
+    """The median rule, with a warm-up that grows with the trial's augmentation strength: 1
+    epoch without augmentation, tuner's default warm-up at the top of the range. Augmented
+    configurations start slowly (section 4b of RESULTS.md), the others need no long warm-up.
+    The strength comes from the user attribute ``augment`` that :func:`replay` sets."""
+    import optuna
+
+    from tuner import pruning
+
+    median = optuna.pruners.MedianPruner(n_startup_trials=pruning.STARTUP_TRIALS,
+                                         n_warmup_steps=1)
+    most, top = pruning.warmup_epochs(spec), spec.search.augment.high
+
+    class AugmentWarmup(optuna.pruners.BasePruner):
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            warmup = max(1, round(most * trial.user_attrs.get("augment", 0.0) / top))
+            return (trial.last_step or 0) >= warmup + 1 and median.prune(study, trial)
+
+    return AugmentWarmup()
 
 
 def replay(curves: list[dict[str, Any]], pruner: Any, max_epochs: int) -> dict[str, float]:
@@ -74,6 +99,7 @@ def replay(curves: list[dict[str, Any]], pruner: Any, max_epochs: int) -> dict[s
     kept: list[tuple[float, float | None]] = []  # (best val_loss, test loss) of completed
     for c in curves:
         trial = study.ask()
+        trial.set_user_attr("augment", c.get("params", {}).get("augment", 0.0))
         pruned = False
         for step, value in enumerate(c["val_loss"], start=1):
             trial.report(value, step)
@@ -100,7 +126,7 @@ def main() -> None:
     import optuna
 
     from tuner import pruning
-    from tuner.spec import load_spec
+    from tuner.spec import PRUNERS, load_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -122,7 +148,7 @@ def main() -> None:
             for label, kind, warmup, startup in RULES:
                 spec = load_spec(study_file(
                     args.out / "replay", "replay", ds, seed=0, n_trials=size,
-                    pruner="median" if kind.startswith("wilcoxon:") else kind,
+                    pruner=kind if kind in PRUNERS else "median",
                     pruner_warmup=warmup))
                 default = pruning.STARTUP_TRIALS
                 pruning.STARTUP_TRIALS = default if startup is None else startup
