@@ -9,9 +9,10 @@ pruner stops keeps only the epochs it trained. Optuna's WilcoxonPruner is replay
 plain Optuna script would use it with epochs as its steps: it tests whether a trial's curve is
 worse than the best trial's, epoch by epoch (paired). It was made for scores on the same
 *instances* (folds, problems), and a curve's epochs are not exchangeable instances; the replay
-shows what it gives anyway. Per rule: the epochs all trials trained, and the best validation
-loss and the test loss of the trial the search would pick (its best completed trial), each
-against the unpruned search, for the first 12, 24 and 48 trials.
+shows what it gives anyway. So is a rule of the replay's own: the median rule with a warm-up
+that grows with each trial's augmentation strength. Per rule: the epochs all trials trained,
+and the best validation loss and the test loss of the trial the search would pick (its best
+completed trial), each against the unpruned search, for the first 12, 24 and 48 trials.
 
 What a replay cannot show: a real pruned search tells its sampler other results, so from the
 first pruned trial on it proposes other configurations. The replay keeps the unpruned order.
@@ -78,7 +79,8 @@ def _augment_warmup(spec: Any) -> Any:
 
     median = optuna.pruners.MedianPruner(n_startup_trials=pruning.STARTUP_TRIALS,
                                          n_warmup_steps=1)
-    most, top = pruning.warmup_epochs(spec), spec.search.augment.high
+    most = pruning.warmup_epochs(spec)
+    top = spec.search.augment.high if spec.search.augment else 1.0  # none: 1 epoch each
 
     class AugmentWarmup(optuna.pruners.BasePruner):
         def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
