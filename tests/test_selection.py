@@ -209,6 +209,29 @@ def test_a_trial_is_never_pruned_at_its_last_epoch(tmp_path: Path, pg_url: str) 
         assert [t.user_attrs["epochs_run"] for t in trials] == [run, run]
 
 
+def test_a_worker_run_in_process_gives_the_collector_back_as_it_found_it(
+        tmp_path: Path, pg_url: str) -> None:
+    """A worker freezes the heap and collects young objects less often while it trains (its
+    trials make objects by the hundred thousand); a program that runs studies in its own
+    process, as ``tuner run`` does, gets Python's collector back unchanged afterwards."""
+    import gc
+
+    from tuner import study as studies
+    from tuner.spec import load_spec
+    from tuner.storage import open_storage
+    from tuner.worker import YOUNG_THRESHOLD, work
+
+    path = write_study(tmp_path, "collector", n_trials=1, epochs=1)
+    storage = open_storage(pg_url)
+    studies.create_or_resume(load_spec(path), storage, str(tmp_path / "artifacts"))
+    study, spec = studies.load("collector", storage)
+    before = gc.get_threshold()
+    during: list[tuple[int, ...]] = []
+    work(storage, study, spec, progress=lambda _: during.append(gc.get_threshold()))
+    assert during and during[0][0] == YOUNG_THRESHOLD != before[0]
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
 _CONFIRM_KILLED_HALFWAY = """
 import os, sys, optuna
 from tuner import confirm
