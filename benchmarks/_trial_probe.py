@@ -142,16 +142,21 @@ def _warm(args) -> None:  # noqa: ANN001
     identical network bare (``build_model`` + ``model.fit``, no tuner). A tuner trial's time is
     the time between two hooks, less the bare fit run in the first. The first trial, which
     includes the worker's set-up, is not counted. Wall and CPU seconds (all threads) both.
+    The bare fits run with Python's collector settings, as a plain script does, and collect
+    their garbage as often as the worker does (every ``GC_EVERY``); every collection's
+    seconds are added up for the side it interrupted.
     With a test part in the study, the bare fit's model is scored on it too, as each completed
     trial is. Prints both lists.
     """
+    import gc
+
     import keras
 
     from tuner import study as studies
     from tuner.spec import load_spec
     from tuner.storage import open_storage
     from tuner.tfsetup import init_tensorflow
-    from tuner.worker import work
+    from tuner.worker import GC_EVERY, work
 
     init_tensorflow()
     from tuner.data import load_arrays, make_datasets
@@ -178,8 +183,33 @@ def _warm(args) -> None:  # noqa: ANN001
     def clocks() -> tuple[float, float]:
         return time.perf_counter(), time.process_time()
 
+    side = "setup"  # whose clock runs: a collection is charged to the side it interrupts
+    collecting: dict[str, float] = {"tuner": 0.0, "bare": 0.0, "setup": 0.0}
+    started_at = [0.0]
+
+    def on_collection(phase: str, info: dict) -> None:  # gc.callbacks: every collection
+        if phase == "start":
+            started_at[0] = time.perf_counter()
+        else:
+            collecting[side] += time.perf_counter() - started_at[0]
+
+    gc.callbacks.append(on_collection)
+    fits = 0
+    plain_threshold = gc.get_threshold()  # Python's, which a plain script runs with
+
     def bare() -> tuple[float, float]:
+        nonlocal side, fits
+        side = "bare"
+        worker_threshold = gc.get_threshold()  # the worker collects young objects less often
+        gc.set_threshold(*plain_threshold)
         wall, cpu = clocks()
+        fits += 1
+        if fits % GC_EVERY == GC_EVERY // 2:
+            # The worker collects every GC_EVERY trials (its models hold reference cycles),
+            # which frees the bare fits' models too. The bare loop collects its own garbage
+            # as often, on its own clock, half-way between the worker's collections;
+            # without it, every bare fit's garbage was collected on tuner's clock.
+            gc.collect()
         keras.utils.set_random_seed(spec.seed or 0)
         model = build_model(hp, spec, seed=spec.seed, scale=arrays.scale)
         model.fit(datasets[0], validation_data=datasets[1], epochs=spec.model.epochs,
@@ -189,6 +219,8 @@ def _warm(args) -> None:  # noqa: ANN001
         del model
         keras.backend.clear_session(free_memory=False)  # as tuner does between trials
         end = clocks()
+        gc.set_threshold(*worker_threshold)
+        side = "tuner"
         return end[0] - wall, end[1] - cpu
 
     bare()  # warm-up: first-call imports and one-time TensorFlow set-up
@@ -206,11 +238,16 @@ def _warm(args) -> None:  # noqa: ANN001
             for key, value in (("tuner", took[0]), ("tuner_cpu", took[1]), ("bare", b[0]),
                                ("bare_cpu", b[1])):
                 out[key].append(value)
+        else:  # what the set-up and the first trial collected is not counted either
+            collecting["tuner"] = collecting["bare"] = 0.0
         since = clocks()
 
+    side = "tuner"
     work(storage, study, spec, n_trials=args.warm + 1, artifacts=args.artifacts,
          progress=after_trial)
-    print("BENCH_JSON " + json.dumps(out), flush=True)
+    gc.callbacks.remove(on_collection)
+    print("BENCH_JSON " + json.dumps({**out, "gc_seconds": {
+        "tuner": collecting["tuner"], "bare": collecting["bare"]}}), flush=True)
 
 
 def optuna_fixed():  # noqa: ANN201

@@ -121,6 +121,11 @@ def _warm_table(warm: dict[str, list[float]]) -> tuple[dict[str, Any], str]:
               "", ""),
              ("95 % interval of b/a (pairs resampled)", "", "", f"{low:.3f} - {high:.3f}",
               "", "", "", "")]
+    collected = warm.get("gc_seconds")
+    if collected:  # garbage collections, every GC_EVERY trials and fits: seconds a trial
+        n = len(warm["bare"])
+        rows.append(("of which garbage collection, mean", collected["bare"] / n,
+                     collected["tuner"] / n, "", "", "", "", ""))
     figures = {"warm_ratio": warm_ratio, "warm": warm, "warm_cpu_ratio": cpu_ratio,
                "warm_pair_ratio_median": statistics.median(pair_ratios),
                "warm_ratio_interval": [low, high], "goal_met": warm_ratio <= 1.05}
