@@ -24,16 +24,19 @@ sys.path.insert(0, str(HERE))
 from _common import machine, table  # noqa: E402
 
 # bench_status belongs with the inspection verbs; it joins the suite when it exists.
-SCRIPTS = ["bench_overhead", "bench_epochs", "bench_storage", "bench_pruning", "replay_pruning",
-           "bench_quality",
+SCRIPTS = ["bench_overhead", "bench_train_sample", "bench_epochs", "bench_storage",
+           "bench_pruning", "replay_pruning", "bench_quality",
            "bench_scaling", "bench_status", "bench_chaos", "bench_disk", "bench_figures"]
-RESULT_NAMES = {"bench_overhead": "overhead", "bench_epochs": "epochs",
+RESULT_NAMES = {"bench_overhead": "overhead", "bench_train_sample": "train_sample",
+                "bench_epochs": "epochs",
                 "bench_storage": "storage", "bench_pruning": "pruning",
                 "replay_pruning": "replay_pruning",
                 "bench_quality": "quality", "bench_scaling": "scaling",
                 "bench_status": "bench_status", "bench_chaos": "chaos", "bench_disk": "disk",
                 "bench_figures": "figures"}
-TITLES = {"overhead": "1. Trial overhead", "epochs": "2. Epoch-start stalls",
+TITLES = {"overhead": "1. Trial overhead",
+          "train_sample": "1b. The training sample in the validation pass",
+          "epochs": "2. Epoch-start stalls",
           "storage": "3. Storage at scale", "pruning": "4. Pruning savings",
           "replay_pruning": "4b. Pruning rules replayed on the unpruned searches' curves",
           "quality": "5. Search quality against peers", "scaling": "6. Scaling with workers",
@@ -97,6 +100,11 @@ def _goals(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]
                      f"warm {o['warm_ratio']:.3f} (median of {len(o['warm']['tuner'])} pairs); "
                      f"whole process {o['wall_ratio']:.3f}",
                      "met" if o["warm_ratio"] <= 1.05 else "missed"))
+    if ts := results.get("train_sample"):
+        shares = "; ".join(f"{f} {m['share']['uncapped']:.1%} → {m['share']['capped']:.1%}"
+                           for f, m in ts["families"].items())
+        rows.append(("training sample", "(no goal) its share of a plain epoch, before → now",
+                     f"{shares} ({ts['n_train']:,} / {ts['n_val']:,} images)", "-"))
     if e := results.get("epochs"):
         worst = e["worst_over_median"]
         rows.append(("epoch stalls", "worst epoch after the 1st <= 1.5x median",

@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 EXPECTED = {
     "bench_overhead": ("overhead", {"wall_ratio", "fit_ratio", "bare", "tuner", "probes",
                                        "warm_ratio_interval"}),
+    "bench_train_sample": ("train_sample", {"families", "n_train", "n_val"}),
     "bench_epochs": ("epochs", {"trials", "goal_met"}),
     "bench_storage": ("storage", {"cells", "history_reads", "goal", "add_trials_per_s",
                                   "peak_connections_at_max_workers"}),
@@ -80,7 +81,7 @@ def test_report_renders_every_section_and_goal(out_dir: Path, tmp_path: Path) ->
             "quality": "| quality, ", "replay_pruning": "| pruning replayed |",
             "bench_status": "| tuner status at 10k trials |",
             "chaos": "| chaos |", "disk": "| disk at 10,000 trials |", "figures": "| figures |",
-            "scaling": "| scaling 1 → 2 workers |"}
+            "scaling": "| scaling 1 → 2 workers |", "train_sample": "| training sample |"}
     assert set(rows) == set(TITLES), "every result has a goal row"
     for name in present:
         assert rows[name] in text, rows[name]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tuner import data
 from tuner.data import check_source, inference_batch_size, load_arrays, make_datasets
 from tuner.errors import UserError
 from tuner.spec import DataSpec
@@ -191,6 +192,21 @@ def test_pipelines_hold_a_fixed_training_sample_as_large_as_validation() -> None
     assert len(x) == len(y) == len(arrays.x_val)
     np.testing.assert_array_equal(y, make_datasets(arrays, batch_size=16).train_sample[1])
     assert datasets.test is None
+
+
+def test_the_training_sample_stops_growing_at_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large validation set does not double every epoch's validation pass: the sample is
+    capped, the validation set is not, and the capped sample is the uncapped one's start."""
+    arrays = load_arrays(DataSpec(source="digits", limit=200))
+    whole = make_datasets(arrays, batch_size=16).train_sample
+    monkeypatch.setattr(data, "TRAIN_SAMPLE_MAX", 10)
+    datasets = make_datasets(arrays, batch_size=16)
+    x, y = datasets.train_sample
+    assert len(x) == len(y) == 10 < len(arrays.x_val)
+    weights = np.concatenate([w.numpy() for _, _, w in datasets.val_and_train_sample])
+    assert (weights == 1).sum() == len(arrays.x_val) and (weights == 0).sum() == 10
+    # the same training images, drawn from the same seeded order
+    assert set(map(bytes, x)) <= set(map(bytes, whole[0]))
 
 
 def test_the_training_order_does_not_depend_on_what_the_process_seeded_before() -> None:

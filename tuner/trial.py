@@ -6,11 +6,12 @@ validation cross-entropy *without* the L2 penalty (the compiled metric ``xent``)
 it is kept only as the attribute ``keras_val_loss``.
 
 The training loss is measured the way validation is: in inference mode (no dropout, no
-augmentation), without the penalty, on a fixed training sample as large as the validation set,
-at every epoch. Keras' own training loss is a running mean under dropout and augmentation, so
-a strongly regularized model would show a large training loss and a small or even negative
-gap; it is kept as ``train_loss_training_mode``. The sample rides along in Keras' own
-validation pass, with weight 0: the weighted metrics (``val_xent``, ``val_accuracy``) see only
+augmentation), without the penalty, on a fixed training sample as large as the validation set
+(up to :data:`tuner.data.TRAIN_SAMPLE_MAX` images), at every epoch. Keras' own training loss
+is a running mean under dropout and augmentation, so a strongly regularized model would show
+a large training loss and a small or even negative gap; it is kept as
+``train_loss_training_mode``. The sample rides along in Keras' own validation pass, with
+weight 0: the weighted metrics (``val_xent``, ``val_accuracy``) see only
 the validation images, an unweighted one (``val_xent_pooled``) sees both, and the sample's loss
 follows from the two. A pass of its own would trace a predict function for every model.
 A completed trial's best-epoch model is scored once on the test split, if the data has one;
