@@ -98,9 +98,15 @@ def test_interrupted_run_resumes_and_keeps_finished_trials(tmp_path: Path, pg_ur
 
 
 def _trials(url: str, name: str, missing_ok: bool = False) -> list[optuna.trial.FrozenTrial]:
-    if missing_ok and name not in optuna.get_all_study_names(storage=url):
-        return []
-    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    # One storage a call, its connections closed at once: polled in a loop, storages left to
+    # the garbage collector held the server's connections until it ran out of them.
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        if missing_ok and name not in optuna.get_all_study_names(storage=storage):
+            return []
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    finally:
+        storage.engine.dispose()
 
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path: Path,
