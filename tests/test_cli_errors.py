@@ -138,8 +138,13 @@ def test_a_model_module_that_does_not_import_runs_no_trial(tmp_path: Path) -> No
     assert_one_line(run, 2, "[model] family: cannot import 'nosuchmod'")
     assert not (tmp_path / "tuner.db").exists()
     assert cli("create", str(study), cwd=tmp_path).returncode == 0  # may import on the nodes
+    # the same bad setting, the same exit 2: a Kubernetes Job fails at once, not retried
     worker = run_tuner("worker", "--study", "mod", "--gpus", "none", cwd=tmp_path)
-    assert_one_line(worker, 1, "[cpu] [model] family: cannot import 'nosuchmod'")
+    assert_one_line(worker, 2, "[cpu] [model] family: cannot import 'nosuchmod'")
+    # two children in a worker, both stopped by it: still 2, and each says why
+    two = run_tuner("worker", "--study", "mod", "--gpus", "none", "--trials-per-gpu", "2",
+                    cwd=tmp_path)
+    assert two.returncode == 2 and "Traceback" not in two.stderr, two.stderr
     assert optuna.load_study(study_name="mod", storage=f"sqlite:///{tmp_path / 'tuner.db'}"
                              ).trials == []
 
@@ -152,10 +157,37 @@ def test_unknown_study_for_best(tmp_path: Path, pg_url: str) -> None:
     assert len(optuna.get_all_study_names(storage=pg_url)) == 1
 
 
+def test_hints_name_the_database_they_were_about(tmp_path: Path, pg_url: str) -> None:
+    """A hint pasted as it is must reach the same database, not the default SQLite file."""
+    assert cli("create", str(write_study(tmp_path, "hinted")), "--storage",
+               pg_url).returncode == 0
+    flags = f"--storage {pg_url}"
+    result = cli("best", "--study", "hinted", "--storage", pg_url)
+    assert_one_line(result, 1, f"start a worker (`tuner worker --study hinted {flags}`)")
+    result = cli("best", "--study", "hinted", "--export-model", str(tmp_path / "m.keras"),
+                 "--storage", pg_url)
+    assert_one_line(result, 1, "nothing to export", f"--study hinted {flags}`")
+    result = cli("status", "--study", "zzzz", "--storage", pg_url)
+    assert_one_line(result, 2, f"unknown study 'zzzz' in {pg_url}, which holds ",
+                    "another database: --storage URL or $TUNER_STORAGE")
+    # the default database needs no flags: the command is pasted as it is
+    assert cli("create", str(write_study(tmp_path, "local")), cwd=tmp_path).returncode == 0
+    result = cli("best", "--study", "local", cwd=tmp_path)
+    assert_one_line(result, 1, "start a worker (`tuner worker --study local`)")
+
+
 def test_best_on_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
     result = cli("best", "--study", "x", cwd=tmp_path)
     assert_one_line(result, 2, "no database at sqlite:///tuner.db")
     assert not (tmp_path / "tuner.db").exists()
+
+
+def test_no_verb_or_a_misspelled_one_names_the_verbs(tmp_path: Path) -> None:
+    result = cli(cwd=tmp_path)
+    assert_one_line(result, 2, "say what to do: tuner run | create | worker", "`tuner --help`")
+    assert "tuner: error: tuner" not in result.stderr  # the prefix once
+    assert_one_line(cli("bset", cwd=tmp_path), 2, "unknown verb 'bset'; did you mean 'best'?")
+    assert_one_line(cli("frobnicate", cwd=tmp_path), 2, "verbs: run, create, worker, status")
 
 
 def test_bad_flag_is_one_line(tmp_path: Path) -> None:
@@ -169,8 +201,7 @@ def test_bad_flag_is_one_line(tmp_path: Path) -> None:
 
 def test_a_flag_the_verb_does_not_take_points_at_the_verbs_help(tmp_path: Path) -> None:
     result = cli("best", "--study", "x", "--top", "3", cwd=tmp_path)
-    assert_one_line(result, 2, "tuner best: unrecognized arguments: --top 3 (see `tuner best "
-                    "--help`)")
+    assert_one_line(result, 2, "unrecognized arguments: --top 3 (see `tuner best --help`)")
 
 
 def test_timeout_takes_a_duration_as_the_study_file_does() -> None:
@@ -222,6 +253,10 @@ def test_an_sqlite_url_naming_a_folder_or_a_missing_folder_is_one_line(tmp_path:
     result = cli("run", str(write_study(tmp_path)), "--storage", f"sqlite:///{missing}")
     assert_one_line(result, 2, f"the folder {missing.parent} does not exist")
     assert not missing.parent.exists()
+    # three slashes before an absolute path: a relative one, and a hint at the fourth
+    meant = tmp_path / "studies.db"
+    result = cli("status", "--storage", f"sqlite://{meant}", cwd=tmp_path)
+    assert_one_line(result, 2, f"for {meant} write four slashes: sqlite:///{meant}")
 
 
 def test_status_on_a_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
@@ -301,13 +336,30 @@ def test_an_npz_of_python_objects(tmp_path: Path) -> None:
     assert not (tmp_path / "x.db").exists()
 
 
-def test_a_corrupt_npz(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", [b"PK\x03\x04" + b"not a zip archive" * 20,
+                                     b"x,y\n1,2\n"], ids=["broken zip", "text"])
+def test_a_corrupt_npz(tmp_path: Path, content: bytes) -> None:
+    """Not numpy's advice to unpickle it: the file is no npz at all."""
     data = tmp_path / "data.npz"
-    data.write_bytes(b"PK\x03\x04" + b"not a zip archive" * 20)
+    data.write_bytes(content)
     path = write_study(tmp_path, source=f"npz:{data}")
     result = cli("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}")
-    assert_one_line(result, 2, "not a readable .npz file")
+    assert_one_line(result, 2, "not a .npz file (a zip of .npy arrays); write it with "
+                    "numpy.savez")
+    assert "pickle" not in result.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+def test_a_relative_data_path_says_where_it_was_looked_for(tmp_path: Path) -> None:
+    (tmp_path / "my" / "data").mkdir(parents=True)
+    np.savez(tmp_path / "my" / "data" / "d.npz", x=np.zeros((4, 8, 8)), y=np.arange(4) % 2)
+    path = write_study(tmp_path / "my", source="npz:data/d.npz")
+    result = cli("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}",
+                 cwd=tmp_path)
+    assert_one_line(result, 2, f"looked for {tmp_path / 'data' / 'd.npz'}: a relative path is "
+                    "read from the directory each command runs in")
+    assert cli("create", str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}",
+               cwd=tmp_path / "my").returncode == 0
 
 
 def test_a_reader_that_goes_away_is_not_an_error(tmp_path: Path) -> None:

@@ -265,6 +265,10 @@ def test_what_the_commands_print_at_the_edges() -> None:
     assert "wait for a worker" in render.no_completed_trial("s", "show", ["FAIL", "RUNNING"])
     one = render.confirm_queued("s", Queued(1, 2, [4], 2, added=2), (1, 2))
     assert "Queued 2 runs in study" in one
+    assert "(start one with `tuner worker --study s` if none is running)" in one
+    elsewhere = render.confirm_queued("s", Queued(1, 2, [4], 2, added=2), (1, 2),
+                                      storage_flags="--storage postgresql://db/x")
+    assert "`tuner worker --study s --storage postgresql://db/x` if none" in elsewhere
     assert "the best configuration (trial #4), 2 new seeds." in one
     single = render.confirm_queued("s", Queued(1, 1, [4], 1, added=1), (1, 1))
     assert single.startswith("Queued 1 run in study 's': the best configuration (trial #4), "

@@ -284,6 +284,14 @@ def test_user_model_function_family(arrays, tmp_path) -> None:
     assert [layer.rate for layer in layers if isinstance(layer, keras.layers.Dropout)] == [0.2]
 
 
+def test_a_model_function_that_returns_no_model_says_so(arrays) -> None:
+    spec = spec_for({"dropout": 0.2, "l2": 1e-4}, family="user_models:forgot_the_model")
+    hp = with_shape(sample(optuna.trial.FixedTrial({}), spec), arrays)
+    with pytest.raises(TypeError, match=r"\[model\] family user_models:forgot_the_model: "
+                                        r"returned 42 \(int\), not a keras.Model"):
+        build_model(hp, spec)
+
+
 def _flat(layers: list) -> list:
     out = []
     for layer in layers:

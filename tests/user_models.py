@@ -89,3 +89,8 @@ def crashes(hp: Hyperparams) -> keras.Model:
 
     os.kill(os.getpid(), signal.SIGSEGV)
     raise AssertionError("unreachable")
+
+
+def forgot_the_model(hp: Hyperparams) -> int:
+    """Returns something that is not a network (a user's slip)."""
+    return 42

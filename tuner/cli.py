@@ -30,7 +30,18 @@ class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with one line instead of a usage dump."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+        verbs = next((list(a.choices) for a in self._actions
+                      if isinstance(a, argparse._SubParsersAction)), None)
+        if verbs and message.endswith("required: verb"):  # plain `tuner`
+            message = f"say what to do: tuner {' | '.join(verbs)}"
+        elif verbs and message.startswith("argument verb: invalid choice: "):
+            import difflib
+
+            word = message.split("'")[1] if "'" in message else ""
+            close = difflib.get_close_matches(word, verbs, n=1)
+            message = (f"unknown verb {word!r}" + (f"; did you mean {close[0]!r}?" if close
+                                                   else f"; verbs: {', '.join(verbs)}"))
+        raise UserError(f"{message} (see `{self.prog} --help`)")
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
@@ -40,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
         if extra:
             verb = getattr(opts, "verb", None)
             prog = f"{self.prog} {verb}" if verb else self.prog
-            raise UserError(f"{prog}: unrecognized arguments: {' '.join(extra)} "
+            raise UserError(f"unrecognized arguments: {' '.join(extra)} "
                             f"(see `{prog} --help`)")
         return opts
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from tuner import render, settings
 from tuner.errors import ExitCode, UserError
 from tuner.urls import mask, parse_url
+
+if TYPE_CHECKING:
+    import optuna
 
 
 def _storage_flags(url: str) -> str:
@@ -29,6 +32,23 @@ def _storage_flags(url: str) -> str:
                       parsed.database, parsed.query).render_as_string(hide_password=False)
     return f"--storage {shlex.quote(bare)}" + (
         " --storage-password-file FILE" if parsed.password else "")
+
+
+def _hint_flags(url: str) -> str:
+    """The storage flags of a worker command in a hint: none for the default database."""
+    return "" if url == settings.DEFAULT_STORAGE else _storage_flags(url)
+
+
+def _no_completed_trial(study: optuna.Study, what: str, url: str) -> None:
+    """Raise, with a worker command to paste, when ``study`` has nothing to ``what`` yet."""
+    from optuna.trial import TrialState
+
+    from tuner.errors import RuntimeFailure
+
+    trials = study.get_trials(deepcopy=False)
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        raise RuntimeFailure(render.no_completed_trial(
+            study.study_name, what, [t.state.name for t in trials], _hint_flags(url)))
 
 
 def run(opts: argparse.Namespace, out: TextIO) -> int:
@@ -82,13 +102,15 @@ def confirm(opts: argparse.Namespace, out: TextIO) -> int:
     from tuner import study as studies
     from tuner.storage import open_storage
 
-    storage = open_storage(_existing_url(opts))
+    url = _existing_url(opts)
+    storage = open_storage(url)
     study, spec = studies.load(opts.study, storage)
     queued = confirming.queue(study, storage, opts.top, opts.seeds)
     budgets = (spec.n_trials is not None,
                spec.model.epochs if spec.epoch_budget is not None else None,
                spec.time_budget is not None)
-    _say(out, render.confirm_queued(opts.study, queued, (opts.top, opts.seeds), budgets))
+    _say(out, render.confirm_queued(opts.study, queued, (opts.top, opts.seeds), budgets,
+                                    _hint_flags(url)))
     return ExitCode.OK
 
 
@@ -120,7 +142,9 @@ def best(opts: argparse.Namespace, out: TextIO) -> int:
     from tuner.inspect import best_summary
     from tuner.storage import open_storage
 
-    study, spec = studies.load(opts.study, open_storage(_existing_url(opts), heartbeat=False))
+    url = _existing_url(opts)
+    study, spec = studies.load(opts.study, open_storage(url, heartbeat=False))
+    _no_completed_trial(study, "export" if opts.export_model else "show", url)
     summary = best_summary(study, spec)
     if opts.export_model:
         from tuner.export import chosen_trial, export_best_model
@@ -169,7 +193,9 @@ def plot(opts: argparse.Namespace, out: TextIO) -> int:
     dest = Path(opts.output).expanduser()
     figures.check_extension(dest)  # before the database: a typo costs nothing
     figures.check_writable(dest)
-    study, _ = studies.load(opts.study, open_storage(_existing_url(opts), heartbeat=False))
+    url = _existing_url(opts)
+    study, _ = studies.load(opts.study, open_storage(url, heartbeat=False))
+    _no_completed_trial(study, "plot", url)
     facts = figures.gather(study, opts.top)
     if facts is None:
         raise RuntimeFailure(render.no_completed_trial(opts.study, "plot", [

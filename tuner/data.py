@@ -264,7 +264,10 @@ _SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val")
 def _read_npz(path: Path, data: DataSpec, seed: int = 0) -> Arrays:
     where = f"[data] source npz:{path}"
     if not path.is_file():
-        raise UserError(f"{where}: file not found")
+        raise UserError(f"{where}: file not found{_relative_hint(path)}")
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle, and say so
+        raise UserError(f"{where}: not a .npz file (a zip of .npy arrays); write it with "
+                        "numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
@@ -300,6 +303,15 @@ def _read_npz(path: Path, data: DataSpec, seed: int = 0) -> Arrays:
                         "with numpy.savez") from None
     raise UserError(f"{where}: expected arrays x_train, y_train, x_val, y_val (or x and y), "
                     f"and optionally x_test, y_test; found {', '.join(sorted(keys)) or 'none'}")
+
+
+def _relative_hint(path: Path) -> str:
+    """Where a relative path was looked for: the directory the command runs in, on every
+    worker, not the study file's (workers read the study from the database)."""
+    if path.is_absolute():
+        return ""
+    return (f" (looked for {Path.cwd() / path}: a relative path is read from the directory "
+            "each command runs in; an absolute path is the same on every node)")
 
 
 def _npz_array(npz: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
@@ -371,7 +383,7 @@ def _image_files(root: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path
     """(class → files, test class → files or ``None``); the test classes must be known ones."""
     where = f"[data] source images:{root}"
     if not root.is_dir():
-        raise UserError(f"{where}: directory not found")
+        raise UserError(f"{where}: directory not found{_relative_hint(root)}")
     classes = _class_folders(root, skip=TEST_FOLDER)
     if len(classes) < 2:
         raise UserError(f"{where}: expected one sub-folder of images per class (at least 2)")

@@ -25,6 +25,7 @@ from tuner.errors import RuntimeFailure, UserError
 from tuner.figures import turned_up_at
 from tuner.spec import StudySpec
 from tuner.storage import unreachable
+from tuner.urls import mask
 
 _STATE_NAMES = {"running": "RUNNING", "complete": "COMPLETE", "pruned": "PRUNED",
                 "failed": "FAIL", "waiting": "WAITING"}
@@ -107,7 +108,8 @@ def all_status(engine: sqlalchemy.Engine, name: str | None = None) -> list[Study
             raise unreachable(engine.url.render_as_string(hide_password=False), exc) from None
         found, known = [], []  # a database nothing has run in yet: no Optuna tables
     if name is not None and not found:
-        raise UserError(studies.unknown_study_message(name, known))
+        raise UserError(studies.unknown_study_message(
+            name, known, mask(engine.url.render_as_string(hide_password=False))))
     return [study_status(engine, sid, sname) for sid, sname in found]
 
 

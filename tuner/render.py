@@ -171,7 +171,8 @@ def run_interrupted() -> str:
 
 
 def confirm_queued(study: str, q: Queued, asked: tuple[int, int],
-                   budgets: tuple[bool, int | None, bool] = (True, None, False)) -> str:
+                   budgets: tuple[bool, int | None, bool] = (True, None, False),
+                   storage_flags: str = "") -> str:
     """What ``tuner confirm`` did; ``asked``: its ``--top`` and ``--seeds``; ``budgets``:
     whether the study sets ``n_trials``, the epochs of a run if it sets an epoch budget, and
     whether it sets a time budget (how each budget makes room: :mod:`tuner.budget`)."""
@@ -195,8 +196,9 @@ def confirm_queued(study: str, q: Queued, asked: tuple[int, int],
     if timed:
         room += " They start even once its time budget is spent."
     return (f"Queued {count(q.added, 'run')} in study {study!r}: {top} {configs}), {seeds}."
-            f"{room} Workers run them next (start one with `tuner worker --study {study}` if "
-            "none is running), then `tuner best` ranks them.")
+            f"{room} Workers run them next (start one with "
+            f"`{worker_command(study, storage_flags)}` if none is running), then `tuner best` "
+            "ranks them.")
 
 
 # --- best --------------------------------------------------------------------------------------
@@ -541,7 +543,15 @@ def plot_cannot_write(path: str, why: str) -> str:
     return f"cannot write {path}: {why}"
 
 
-def no_completed_trial(study: str, what: str, states: list[str]) -> str:
+def worker_command(study: str, storage_flags: str = "") -> str:
+    """The command that starts a worker on ``study``, with the flags that find its storage
+    (none for the default database: a user pastes it as it is)."""
+    return f"tuner worker --study {shlex.quote(study)}" + (
+        f" {storage_flags}" if storage_flags else "")
+
+
+def no_completed_trial(study: str, what: str, states: list[str],
+                       storage_flags: str = "") -> str:
     """Why there is nothing to show or export, and what to do about it: wait, start a
     worker, or (every trial pruned or failed and none left) look at why and run more."""
     if "RUNNING" in states or "WAITING" in states:
@@ -549,7 +559,7 @@ def no_completed_trial(study: str, what: str, states: list[str]) -> str:
                 "worker to finish one (see `tuner status`)")
     if not states:
         return (f"study {study!r} has no completed trial yet: nothing to {what}; start a "
-                f"worker (`tuner worker --study {study}`)")
+                f"worker (`{worker_command(study, storage_flags)}`)")
     pruned, failed = states.count("PRUNED"), states.count("FAIL")
     return (f"study {study!r} has no completed trial: nothing to {what}; its "
             f"{count(pruned, 'trial')} pruned and {failed} failed are all it ran (`tuner "

@@ -92,6 +92,10 @@ def _check_sqlite_file(path: Path) -> None:
         raise UserError(f"storage URL: {path} is a folder; name a database file in it, "
                         f"as in sqlite:///{path / 'tuner.db'}")
     if not path.parent.is_dir():
+        absolute = Path("/") / path
+        if not path.is_absolute() and absolute.parent.is_dir():  # sqlite:///tmp/x.db
+            raise UserError(f"storage URL: the folder {path.parent} does not exist here; for "
+                            f"{absolute} write four slashes: sqlite:///{absolute}")
         raise UserError(f"storage URL: the folder {path.parent} does not exist; create it "
                         "or name a database file in a folder that does")
 

@@ -22,6 +22,7 @@ from tuner.pruning import make_pruner
 from tuner.render import duration
 from tuner.space import param_names
 from tuner.spec import CHANGEABLE_FIELDS, StudySpec
+from tuner.urls import mask
 
 
 def create_or_resume(spec: StudySpec, storage: RDBStorage,
@@ -101,20 +102,24 @@ def load(name: str, storage: RDBStorage) -> tuple[optuna.Study, StudySpec]:
     spec = _stored_spec(storage, name)
     if spec is None:
         raise UserError(unknown_study_message(
-            name, [s.study_name for s in storage.get_all_studies()]))
+            name, [s.study_name for s in storage.get_all_studies()], mask(storage.url)))
     study = optuna.load_study(study_name=name, storage=storage,
                               sampler=make_sampler(spec), pruner=make_pruner(spec))
     return study, spec
 
 
-def unknown_study_message(name: str, names: list[str]) -> str:
-    """Which study the user may have meant, among ``names``."""
+def unknown_study_message(name: str, names: list[str], where: str = "this storage") -> str:
+    """Which study the user may have meant, among ``names`` (the studies in ``where``, a
+    masked URL): else which database was asked, since the study may live in another."""
     hint = difflib.get_close_matches(name, names, n=1)
     if hint:
         return f"unknown study {name!r}: did you mean {hint[0]!r}?"
+    elsewhere = "; another database: --storage URL or $TUNER_STORAGE"
     if names:
-        return f"unknown study {name!r}; studies here: {', '.join(sorted(names)[:10])}"
-    return f"unknown study {name!r}: this storage holds no studies yet (run `tuner create` first)"
+        return (f"unknown study {name!r} in {where}, which holds "
+                f"{', '.join(sorted(names)[:10])}{elsewhere}")
+    return (f"unknown study {name!r}: {where} holds no studies yet (create one with "
+            f"`tuner create STUDY.toml`){elsewhere}")
 
 
 def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:

@@ -127,6 +127,7 @@ class _Child:
     outcome: str = ""
     message: str = ""
     report: Path = field(default_factory=Path)
+    returncode: int | None = None  # of the last process in this slot
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ class _Supervisor:
                                  "times in a row; not restarting it")
                 say(self.out, child.message)
             elif action == "stopped":
-                child.outcome = "failed"
+                child.outcome, child.returncode = "failed", rc
                 child.message = f"{label} {_read(child.report) or 'stopped: ' + _describe_exit(rc)}"
             else:
                 child.outcome = "done"
@@ -273,11 +274,15 @@ class _Supervisor:
         if self.stopping:
             say(self.out, render.worker_stopped(len(self.killed)))
             return signal_exit_code()
-        failed = [c.message for c in self.children if c.outcome == "failed"]
+        failed = [c for c in self.children if c.outcome == "failed"]
+        # Every child stopped by a bad setting (a model family that does not import, say):
+        # the user's to fix, exit 2, as `tuner run` says of the same study.
+        user = bool(failed) and all(c.returncode == ExitCode.USER_ERROR for c in failed)
         if failed and len(self.children) == 1 and _read(self.children[0].report):
-            return ExitCode.FAILURE  # its own "tuner: error:" line is the last one already
+            # its own "tuner: error:" line is the last one already
+            return ExitCode.USER_ERROR if user else ExitCode.FAILURE
         if failed:
-            raise RuntimeFailure("; ".join(failed))
+            raise (UserError if user else RuntimeFailure)("; ".join(c.message for c in failed))
         say(self.out, render.worker_done())
         return ExitCode.OK
 
@@ -351,7 +356,8 @@ def child_main(argv: list[str] | None = None) -> int:
         print(f"tuner: error: {prefix} {exc}", file=sys.stderr, flush=True)
         if config.report:
             Path(config.report).write_text(str(exc), encoding="utf-8")
-        return EXIT_STOPPED
+        # a bad setting (exit 2) stays one for the parent, and for a Job that must not retry
+        return ExitCode.USER_ERROR if isinstance(exc, UserError) else EXIT_STOPPED
     except Exception as exc:  # noqa: BLE001 - a crash: the parent restarts this process
         if _early_interrupts.received:  # the signal, made another error by the import it hit
             say(sys.stdout, f"{prefix} stopped; its running trial (if any) was given back")

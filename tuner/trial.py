@@ -92,6 +92,9 @@ def build_model(hp: Hyperparams, spec: StudySpec, seed: int | None = None,
 def _build(hp: Hyperparams, spec: StudySpec, seed: int | None, scale: float,
            pooled: bool) -> keras.Model:
     body = resolve_family(spec.model.family)(hp)
+    if not isinstance(body, keras.layers.Layer):  # else "'int' object is not callable"
+        raise TypeError(f"[model] family {spec.model.family}: returned {body!r:.60} "
+                        f"({type(body).__name__}), not a keras.Model")
     inputs = keras.Input(hp.input_shape, name="image")
     x = inputs
     if scale != 1.0:
