@@ -40,15 +40,16 @@ def _hint_flags(url: str) -> str:
 
 
 def _no_completed_trial(study: optuna.Study, what: str, url: str) -> None:
-    """Raise, with a worker command to paste, when ``study`` has nothing to ``what`` yet."""
-    from optuna.trial import TrialState
-
+    """Raise, with a worker command to paste, when ``study`` has nothing to ``what`` yet.
+    The check is one query for the best trial: every trial is read only to say why not."""
     from tuner.errors import RuntimeFailure
 
-    trials = study.get_trials(deepcopy=False)
-    if not any(t.state == TrialState.COMPLETE for t in trials):
+    try:
+        study.best_trial  # noqa: B018 - raises ValueError without a completed trial
+    except ValueError:
         raise RuntimeFailure(render.no_completed_trial(
-            study.study_name, what, [t.state.name for t in trials], _hint_flags(url)))
+            study.study_name, what, [t.state.name for t in study.get_trials(deepcopy=False)],
+            _hint_flags(url))) from None
 
 
 def run(opts: argparse.Namespace, out: TextIO) -> int:
