@@ -389,3 +389,16 @@ def test_a_confirm_asking_for_too_many_runs_is_refused_before_queuing(tmp_path: 
                     "most --top 50 and --seeds 20")
     study = optuna.load_study(study_name="many", storage=url)
     assert "confirm" not in study.user_attrs and not study.trials
+
+
+def test_confirm_before_any_trial_completed_exits_1_as_best_does(tmp_path: Path) -> None:
+    """No completed trial yet is the study's state, not a mistake in the command: `tuner
+    best`, `plot` and `confirm` all exit 1 for it, and nothing is queued."""
+    url = f"sqlite:///{tmp_path / 'tuner.db'}"
+    assert cli("create", str(write_study(tmp_path, "early")), "--storage", url).returncode == 0
+    assert_one_line(cli("confirm", "--study", "early", "--storage", url), 1,
+                    "study 'early' has no completed trial to confirm yet")
+    assert_one_line(cli("best", "--study", "early", "--storage", url), 1,
+                    "no completed trial yet")
+    study = optuna.load_study(study_name="early", storage=url)
+    assert "confirm" not in study.user_attrs and not study.trials

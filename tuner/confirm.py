@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner import attrs
 from tuner.budget import budget_lock
-from tuner.errors import UserError
+from tuner.errors import RuntimeFailure, UserError
 
 # Bounds on one confirm request: it is queued once, under the lock every worker's claim takes,
 # and cannot be taken back, so a typo must not queue (or hold up workers for) 10**8 runs.
@@ -67,8 +67,8 @@ def queue(study: optuna.Study, storage: RDBStorage, top: int, seeds: int) -> Que
         trials = study.get_trials(deepcopy=False)
         if request is None:
             best = _best_configurations(trials, top)
-            if not best:
-                raise UserError(f"study {study.study_name!r} has no completed trial to confirm "
+            if not best:  # not the user's mistake: exit 1, as `tuner best` and `plot` do
+                raise RuntimeFailure(f"study {study.study_name!r} has no completed trial to confirm "
                                 "yet (see `tuner status`)")
             # What the search has spent so far, and the trials it is running (they will
             # count when they finish): the confirm runs come on top of it, even in a study
