@@ -44,3 +44,47 @@ def test_the_password_is_never_printed_and_the_pasted_flags_work(tmp_path: Path,
     status = cli("status", "--study", "paste", "--storage", storage,
                  "--storage-password-file", str(secret))
     assert status.returncode == 0, status.stderr
+
+
+def test_a_new_study_created_by_many_at_once_is_created_once(tmp_path: Path,
+                                                              any_url: str) -> None:
+    """Several `tuner run` or `tuner create` starting a new study together (a job array, pods):
+    exactly one creates it, the others resume it and check their file against it, and none
+    sees the study in the moment between its creation and its definition being stored."""
+    import threading
+
+    from tuner import study as studies
+    from tuner.errors import UserError
+    from tuner.spec import load_spec
+    from tuner.storage import open_storage
+
+    spec = load_spec(write_study(tmp_path, "together"))
+    (tmp_path / "other").mkdir()
+    other = load_spec(write_study(tmp_path / "other", "together", epochs=3))
+    specs = [spec] * 5 + [other]
+    gate = threading.Barrier(len(specs))
+    outcomes: list[object] = [None] * len(specs)
+
+    def create(i: int) -> None:
+        storage = open_storage(any_url)
+        gate.wait()
+        try:
+            outcomes[i] = studies.create_or_resume(specs[i], storage)[1]
+        except UserError as exc:
+            outcomes[i] = str(exc)
+        finally:
+            storage.engine.dispose()
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(len(specs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    created = [o for o in outcomes if o is True]
+    refused = [o for o in outcomes if isinstance(o, str)]
+    assert len(created) == 1, outcomes
+    if outcomes[-1] is True:  # the other file won: every copy of the first is refused
+        assert len(refused) == 5, outcomes
+    else:
+        assert refused == [outcomes[-1]] and "already exists with another" in refused[0], outcomes
+    assert all(o is not None for o in outcomes), outcomes

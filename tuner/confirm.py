@@ -68,8 +68,8 @@ def queue(study: optuna.Study, storage: RDBStorage, top: int, seeds: int) -> Que
         if request is None:
             best = _best_configurations(trials, top)
             if not best:  # not the user's mistake: exit 1, as `tuner best` and `plot` do
-                raise RuntimeFailure(f"study {study.study_name!r} has no completed trial to confirm "
-                                "yet (see `tuner status`)")
+                raise RuntimeFailure(f"study {study.study_name!r} has no completed trial to "
+                                     "confirm yet (see `tuner status`)")
             # What the search has spent so far, and the trials it is running (they will
             # count when they finish): the confirm runs come on top of it, even in a study
             # whose budget was lowered below it (they would never run otherwise).

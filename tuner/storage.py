@@ -49,9 +49,10 @@ def open_storage(url: str, *, heartbeat: bool = True) -> RDBStorage:
         try:
             with _quiet_optuna():
                 return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-        except (sa_exc.IntegrityError, sa_exc.ProgrammingError) as exc:
+        except (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.OperationalError) as exc:
             # Another process created Optuna's tables in this new database at the same
             # moment (workers started together): they are there now, open them again.
+            # (SQLite says so with an OperationalError, "table studies already exists".)
             if attempt == 4 or not _created_meanwhile(exc):
                 raise unreachable(url, exc) from None
             time.sleep(0.2 * (attempt + 1))

@@ -17,6 +17,7 @@ import optuna
 from optuna.storages import RDBStorage
 
 from tuner import attrs
+from tuner.budget import budget_lock
 from tuner.errors import UserError
 from tuner.pruning import make_pruner
 from tuner.render import duration
@@ -34,8 +35,16 @@ def create_or_resume(spec: StudySpec, storage: RDBStorage,
     ``keep_models`` is taken as the new setting, and running workers obey it from their next
     claim (a lowered ``keep_models`` once their next trial is done); any other change
     is a user error, since mixing two search spaces in one study would corrupt the sampler's
-    history.
+    history. Under the claim path's lock (held for milliseconds here): several processes
+    starting a new study together (a job array, pods) create it once, and the others check
+    their file against the stored one.
     """
+    with budget_lock(storage, spec.name):
+        return _create_or_resume(spec, storage, artifacts)
+
+
+def _create_or_resume(spec: StudySpec, storage: RDBStorage,
+                      artifacts: str | None) -> tuple[optuna.Study, bool]:
     existing = _stored_spec(storage, spec.name)
     if existing is not None:
         budget = {field: getattr(spec, field) for field in CHANGEABLE_FIELDS}
@@ -50,7 +59,7 @@ def create_or_resume(spec: StudySpec, storage: RDBStorage,
             study.set_user_attr(attrs.SPEC, spec.to_dict())
         return study, False
     study = optuna.create_study(study_name=spec.name, storage=storage, direction="minimize",
-                                load_if_exists=True, sampler=make_sampler(spec),
+                                sampler=make_sampler(spec),
                                 pruner=make_pruner(spec))
     study.set_user_attr(attrs.SPEC, spec.to_dict())
     if artifacts:
