@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 
 import sqlalchemy
@@ -88,3 +89,43 @@ def test_a_new_study_created_by_many_at_once_is_created_once(tmp_path: Path,
     else:
         assert refused == [outcomes[-1]] and "already exists with another" in refused[0], outcomes
     assert all(o is not None for o in outcomes), outcomes
+
+
+def test_a_study_read_while_it_is_being_created_is_read_once_it_is(tmp_path: Path,
+                                                                   any_url: str) -> None:
+    """A worker that finds the study in the moment after its creation and before its
+    definition is stored waits for the creator, which holds the claim lock meanwhile; a
+    study that some other program made without a definition is refused in one line."""
+    import threading
+
+    import optuna
+    import pytest
+
+    from tuner import study as studies
+    from tuner.budget import budget_lock
+    from tuner.errors import UserError
+    from tuner.spec import load_spec
+    from tuner.storage import open_storage
+
+    spec = load_spec(write_study(tmp_path, "slow"))
+    storage = open_storage(any_url)
+    created = threading.Event()
+
+    def create_slowly() -> None:
+        with budget_lock(storage, "slow"):
+            study = optuna.create_study(study_name="slow", storage=storage)
+            created.set()
+            time.sleep(1.0)
+            study.set_user_attr("spec", spec.to_dict())
+
+    creator = threading.Thread(target=create_slowly)
+    creator.start()
+    assert created.wait(30)
+    _, loaded = studies.load("slow", storage)
+    creator.join(30)
+    assert loaded == spec
+
+    optuna.create_study(study_name="foreign", storage=storage)
+    with pytest.raises(UserError, match="'foreign' was not created by tuner"):
+        studies.load("foreign", storage)
+    storage.engine.dispose()

@@ -45,7 +45,7 @@ def create_or_resume(spec: StudySpec, storage: RDBStorage,
 
 def _create_or_resume(spec: StudySpec, storage: RDBStorage,
                       artifacts: str | None) -> tuple[optuna.Study, bool]:
-    existing = _stored_spec(storage, spec.name)
+    existing = _stored_spec(storage, spec.name, locked=True)
     if existing is not None:
         budget = {field: getattr(spec, field) for field in CHANGEABLE_FIELDS}
         if replace(existing, **budget) != spec:
@@ -156,12 +156,19 @@ def expected_trials(spec: StudySpec) -> int:
     return min(guesses) if guesses else 40
 
 
-def _stored_spec(storage: RDBStorage, name: str) -> StudySpec | None:
+def _stored_spec(storage: RDBStorage, name: str, *, locked: bool = False) -> StudySpec | None:
+    """The spec stored in study ``name``; ``None`` if there is no such study. ``locked``: the
+    caller holds the claim lock, under which studies are created."""
     try:
         study_id = storage.get_study_id_from_name(name)
     except KeyError:
         return None
     raw = storage.get_study_user_attrs(study_id).get(attrs.SPEC)
+    if raw is None and not locked:
+        # Created this instant by another process, which stores the spec before it lets go
+        # of the lock (a worker pod started as `tuner create` runs): wait for it, read again.
+        with budget_lock(storage, name):
+            raw = storage.get_study_user_attrs(study_id).get(attrs.SPEC)
     if raw is None:
         raise UserError(f"study {name!r} was not created by tuner (it has no spec); "
                         "create it with `tuner create STUDY.toml`")
