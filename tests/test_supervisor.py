@@ -164,3 +164,31 @@ def test_a_python_without_tensorflow_is_one_line_and_no_restarts(tmp_path: Path,
                     timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith(f"tuner: error: {expected}")
+
+
+def test_a_stop_signal_that_arrives_while_a_child_starts_reaches_that_child(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM lands while ``Popen`` runs: the handler cannot see the new child yet. It must
+    be told to stop all the same, not train on until it is killed 20 s later."""
+    import io
+    import subprocess
+    import sys
+
+    from tuner import supervisor as sup
+
+    supervisor = sup._Supervisor("sqlite:///unused.db", "s", plan_children([], 1), tmp_path,
+                                 io.StringIO(), n_trials=None, timeout=None, artifacts=None)
+    real_popen = subprocess.Popen
+
+    def popen_interrupted(args, **kwargs):  # noqa: ANN001, ANN202 - Popen's own signature
+        proc = real_popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        supervisor._on_signal(signal.SIGTERM, None)  # the signal, before Popen returns
+        return proc
+
+    monkeypatch.setattr(sup.subprocess, "Popen", popen_interrupted)
+    supervisor._start(supervisor.children[0])
+    proc = supervisor.children[0].proc
+    try:
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        proc.kill()

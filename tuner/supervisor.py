@@ -269,6 +269,8 @@ class _Supervisor:
             stdout=_fd(self.out), stderr=None, preexec_fn=_die_with_parent)
         child.started, child.restart_at = time.monotonic(), None
         say(self.out, f"[{slot.label}] started process {child.proc.pid}")
+        if self.stopping:  # the signal came while Popen ran, before _send could see this child
+            child.proc.send_signal(signal.SIGTERM)
 
     def _finish(self) -> int:
         if self.stopping:
