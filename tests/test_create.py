@@ -129,3 +129,26 @@ def test_a_study_read_while_it_is_being_created_is_read_once_it_is(tmp_path: Pat
     with pytest.raises(UserError, match="'foreign' was not created by tuner"):
         studies.load("foreign", storage)
     storage.engine.dispose()
+
+
+def test_two_runs_started_together_never_draw_the_same_configurations(tmp_path: Path,
+                                                                     pg_url: str) -> None:
+    """Two `tuner run` of one new seeded study, started together: each seeds its sampler by
+    the first trial it creates, so they do not draw the same configurations in pairs (with the
+    study's seed alone, both drew trial 0's configuration, then trial 2's, ...)."""
+    import os
+    import subprocess
+
+    import optuna
+    from conftest import TUNER
+
+    path = write_study(tmp_path, "pair", n_trials=6, epochs=1, sampler="random", seed=0)
+    env = {k: v for k, v in os.environ.items() if k != "TUNER_STORAGE"}
+    runs = [subprocess.Popen([*TUNER, "run", str(path), "--storage", pg_url], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    trials = optuna.load_study(study_name="pair", storage=pg_url).trials
+    configurations = {tuple(sorted(t.params.items())) for t in trials}
+    assert len(trials) == 6 and len(configurations) == 6, [t.params for t in trials]

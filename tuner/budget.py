@@ -202,12 +202,16 @@ class Claimer:
     """One worker's side of the claim path on one study (see the module docstring).
 
     ``clock`` (monotonic seconds) times the sweeps and how long a trial has gone without any
-    heartbeat; tests pass their own.
+    heartbeat; tests pass their own. ``first_created(number)`` is called once, with the number
+    of the first trial this claimer creates, before the sampler sees it: trial numbers are
+    unique, so a worker can seed its sampler apart from the workers that started with it.
     """
 
     def __init__(self, study: optuna.Study, storage: RDBStorage,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 first_created: Callable[[int], None] | None = None) -> None:
         self.study, self.storage, self.clock = study, storage, clock
+        self._first_created = first_created
         self._last_sweep = -math.inf
         self._silent_since: dict[int, float] = {}
         self._sweep_lock = threading.Lock()  # the heartbeat thread sweeps too
@@ -254,12 +258,18 @@ class Claimer:
         """
         while True:
             try:
-                verdict, trial_id, budget = retry_on_disconnect(self.storage, self._claim_once)
+                verdict, trial_id, budget, created = retry_on_disconnect(self.storage,
+                                                                          self._claim_once)
             except _CreatedWithoutLock as lost:
                 if lost.trial_id is not None:
                     self._discard(lost.trial_id)
                 self._trim_queue(lost.queued)
                 continue  # decide again, under the lock
+            if created and self._first_created is not None:
+                number = retry_on_disconnect(
+                    self.storage, lambda i=trial_id: self.storage.get_trial_number_from_id(i))
+                self._first_created(number)
+                self._first_created = None
             if trial_id is not None:
                 trial = retry_on_disconnect(self.storage, lambda i=trial_id: self._trial(i))
                 return Claimed(trial, trial_id, budget.trial_timeout, budget.keep_models)
@@ -270,8 +280,9 @@ class Claimer:
     def claim_once(self) -> tuple[Verdict, int | None]:
         return self._claim_once()[:2]
 
-    def _claim_once(self) -> tuple[Verdict, int | None, Budget]:
-        """One decision under the lock: a RUNNING trial id with its first heartbeat, or none.
+    def _claim_once(self) -> tuple[Verdict, int | None, Budget, bool]:
+        """One decision under the lock: a RUNNING trial id with its first heartbeat, or none;
+        and whether it was created (rather than taken from the queue).
 
         Raises :class:`_CreatedWithoutLock` if the lock's session ended before the decision was
         committed: the storage calls under it wait out an outage on connections of their own,
@@ -307,7 +318,7 @@ class Claimer:
             if verdict is None:
                 raise
         assert verdict is not None  # the lock's exit raises only after the body ran
-        return verdict, trial_id, budget
+        return verdict, trial_id, budget, created is not None
 
     def _discard(self, trial_id: int) -> None:
         """Fail a trial created or queued without the lock, before anything ran (not queued

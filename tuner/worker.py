@@ -90,10 +90,16 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
     a free slot. ``hung_exit`` is the exit status of this process if a trial hangs past its
     time limit where no exception reaches it (see :class:`_Heartbeat`).
     """
-    claimer = Claimer(study, storage)
-    usage = claimer.state()[0]
     # A seeded study stays reproducible, but a second `tuner run` must not draw the same
-    # configurations again: the seed moves on by the trials the study already holds.
+    # configurations again: the seed moves on by the trials the study already holds, and
+    # once this worker creates its first trial, by that trial's number, which no other
+    # worker shares (two `tuner run` started together would otherwise draw in pairs).
+    def seed_apart(number: int) -> None:
+        if number != started_with:
+            study.sampler = studies.make_sampler(spec, seed_offset + number)
+
+    claimer = Claimer(study, storage, first_created=seed_apart)
+    usage = claimer.state()[0]
     started_with = usage.finished + usage.running + usage.waiting + usage.failed
     study.sampler = studies.make_sampler(spec, seed_offset + started_with)
     verdict = claimer.verdict()
