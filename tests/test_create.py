@@ -125,10 +125,27 @@ def test_a_study_read_while_it_is_being_created_is_read_once_it_is(tmp_path: Pat
     creator.join(30)
     assert loaded == spec
 
-    optuna.create_study(study_name="foreign", storage=storage)
+    foreign = optuna.create_study(study_name="foreign", storage=storage)
+    foreign.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     with pytest.raises(UserError, match="'foreign' was not created by tuner"):
         studies.load("foreign", storage)
     storage.engine.dispose()
+
+
+def test_a_creation_cut_short_is_finished_by_the_next_create(tmp_path: Path,
+                                                              any_url: str) -> None:
+    """`tuner create` killed between making the study and storing its definition leaves an
+    empty study without one: workers say how to finish it, and `tuner create` does."""
+    import optuna
+
+    optuna.create_study(study_name="cut", storage=any_url)  # what the killed create left
+    path = write_study(tmp_path, "cut")
+    worker = cli("worker", "--study", "cut", "--storage", any_url, "--gpus", "none")
+    assert worker.returncode == 2 and "was never fully created" in worker.stderr, worker.stderr
+    created = cli("create", str(path), "--storage", any_url)
+    assert created.returncode == 0 and "Created study 'cut'" in created.stdout, created
+    assert optuna.load_study(study_name="cut", storage=any_url).user_attrs["spec"]["name"] \
+        == "cut"
 
 
 def test_two_runs_started_together_never_draw_the_same_configurations(tmp_path: Path,

@@ -45,7 +45,7 @@ def create_or_resume(spec: StudySpec, storage: RDBStorage,
 
 def _create_or_resume(spec: StudySpec, storage: RDBStorage,
                       artifacts: str | None) -> tuple[optuna.Study, bool]:
-    existing = _stored_spec(storage, spec.name, locked=True)
+    existing = _stored_spec(storage, spec.name, locked=True, unfinished_ok=True)
     if existing is not None:
         budget = {field: getattr(spec, field) for field in CHANGEABLE_FIELDS}
         if replace(existing, **budget) != spec:
@@ -59,8 +59,8 @@ def _create_or_resume(spec: StudySpec, storage: RDBStorage,
             study.set_user_attr(attrs.SPEC, spec.to_dict())
         return study, False
     study = optuna.create_study(study_name=spec.name, storage=storage, direction="minimize",
-                                sampler=make_sampler(spec),
-                                pruner=make_pruner(spec))
+                                sampler=make_sampler(spec), pruner=make_pruner(spec),
+                                load_if_exists=True)  # a creation cut short: finish it
     study.set_user_attr(attrs.SPEC, spec.to_dict())
     if artifacts:
         study.set_user_attr(attrs.ARTIFACTS, artifacts)
@@ -70,7 +70,7 @@ def _create_or_resume(spec: StudySpec, storage: RDBStorage,
 def changed_settings(spec: StudySpec, storage: RDBStorage) -> list[str]:
     """The changeable settings (budgets, ``keep_models``) in which ``spec`` differs from the
     stored study's, as ``n_trials 6 → 3``; none for a new study."""
-    existing = _stored_spec(storage, spec.name)
+    existing = _stored_spec(storage, spec.name, unfinished_ok=True)
     if existing is None:
         return []
     def shown(field: str, value: Any) -> str:
@@ -156,9 +156,12 @@ def expected_trials(spec: StudySpec) -> int:
     return min(guesses) if guesses else 40
 
 
-def _stored_spec(storage: RDBStorage, name: str, *, locked: bool = False) -> StudySpec | None:
+def _stored_spec(storage: RDBStorage, name: str, *, locked: bool = False,
+                 unfinished_ok: bool = False) -> StudySpec | None:
     """The spec stored in study ``name``; ``None`` if there is no such study. ``locked``: the
-    caller holds the claim lock, under which studies are created."""
+    caller holds the claim lock, under which studies are created. ``unfinished_ok``: a
+    creation cut short (the study made, the process stopped before its spec was stored) counts
+    as no study, for the creator to finish."""
     try:
         study_id = storage.get_study_id_from_name(name)
     except KeyError:
@@ -169,7 +172,15 @@ def _stored_spec(storage: RDBStorage, name: str, *, locked: bool = False) -> Stu
         # of the lock (a worker pod started as `tuner create` runs): wait for it, read again.
         with budget_lock(storage, name):
             raw = storage.get_study_user_attrs(study_id).get(attrs.SPEC)
-    if raw is None:
-        raise UserError(f"study {name!r} was not created by tuner (it has no spec); "
-                        "create it with `tuner create STUDY.toml`")
-    return StudySpec.from_dict(raw)
+    if raw is not None:
+        return StudySpec.from_dict(raw)
+    unfinished = (not storage.get_all_trials(study_id, deepcopy=False)
+                  and storage.get_study_directions(study_id)
+                  == [optuna.study.StudyDirection.MINIMIZE])
+    if unfinished and unfinished_ok:
+        return None
+    if unfinished:
+        raise UserError(f"study {name!r} was never fully created (the command creating it "
+                        "was stopped): run `tuner create STUDY.toml` again to finish it")
+    raise UserError(f"study {name!r} was not created by tuner (it has no spec); "
+                    "create it with `tuner create STUDY.toml`")
