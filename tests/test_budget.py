@@ -89,8 +89,10 @@ def _set_budget(study: optuna.Study, n_trials: int) -> None:
 
 
 def _usage(complete: int = 0, pruned: int = 0, running: int = 0, waiting: int = 0,
-           failed: int = 0, epochs: int = 0, confirm_waiting: int = 0) -> Usage:
-    return Usage(complete, pruned, running, waiting, failed, epochs, confirm_waiting)
+           failed: int = 0, epochs: int = 0, confirm_waiting: int = 0,
+           confirm_running: int = 0) -> Usage:
+    return Usage(complete, pruned, running, waiting, failed, epochs, confirm_waiting,
+                 confirm_running)
 
 
 @pytest.mark.parametrize(("usage", "budget", "expected"), [
@@ -122,6 +124,12 @@ def _usage(complete: int = 0, pruned: int = 0, running: int = 0, waiting: int = 
      Budget(5, seconds=60, clock_started=900.0), Decision.WAIT),
     (_usage(complete=4, waiting=1), Budget(None, seconds=60, clock_started=900.0),
      Decision.STOP),
+    # A confirm run still running after the budget is spent may die and be queued again:
+    # someone waits to run it, or the confirm step would never finish.
+    (_usage(complete=4, running=1, confirm_running=1, epochs=130), Budget(None, epochs=100),
+     Decision.WAIT),
+    (_usage(complete=4, running=1, confirm_running=1),
+     Budget(None, seconds=60, clock_started=900.0), Decision.WAIT),
 ])
 def test_decide(usage: Usage, budget: Budget, expected: Decision) -> None:
     assert decide(usage, budget, now=1000.0).decision is expected
@@ -715,8 +723,29 @@ def test_confirm_runs_come_on_top_of_a_search_that_overspent_a_lowered_budget() 
     budget = Budget.from_spec(spec, confirm_runs=3, confirm=request)
     assert (budget.n_trials, budget.epochs) == (6, 24 + 3 * 4)
     for done in range(3):  # the runs finish one by one, 4 epochs each
-        usage = Usage(complete=3 + done, waiting=3 - done, epochs=24 + 4 * done)
+        usage = Usage(complete=3 + done, waiting=3 - done, epochs=24 + 4 * done,
+                      confirm_waiting=3 - done, confirm_epochs=4 * done)
         assert decide(usage, budget, time.time()).decision is Decision.TAKE
-    assert decide(Usage(complete=6, epochs=36), budget, time.time()).decision is Decision.STOP
+    done = Usage(complete=6, epochs=36, confirm_epochs=12)
+    assert decide(done, budget, time.time()).decision is Decision.STOP
     # a budget above what the search spent is grown from the budget, as before
     assert Budget.from_spec({"n_trials": 8}, confirm_runs=3, confirm=request).n_trials == 11
+
+
+def test_confirm_runs_that_stop_early_leave_no_epochs_to_the_search() -> None:
+    """The epoch budget grows by each confirm run's most epochs; runs that early-stop use
+    fewer, and the rest must not start new search trials after the confirm step (one of them
+    could then win, unconfirmed)."""
+    spec = {"epoch_budget": 30, "model": {"epochs": 30}}
+    budget = Budget.from_spec(spec, confirm_runs=2, confirm={"searched": 6,
+                                                             "searched_epochs": 31})
+    assert (budget.epochs, budget.search_epochs) == (31 + 60, 31)
+    confirmed = Usage(complete=8, epochs=31 + 10, confirm_epochs=10)  # 5 epochs each
+    assert decide(confirmed, budget, time.time()).decision is Decision.STOP
+    # asked for mid-search, the runs come on top: the search still has its own epochs left
+    early = Budget.from_spec(spec, confirm_runs=2, confirm={"searched": 2,
+                                                            "searched_epochs": 12})
+    usage = Usage(complete=4, epochs=12 + 10, confirm_epochs=10)
+    assert decide(usage, early, time.time()).decision is Decision.CREATE
+    usage = Usage(complete=9, epochs=30 + 10, confirm_epochs=10)
+    assert decide(usage, early, time.time()).decision is Decision.STOP

@@ -313,10 +313,56 @@ def test_a_confirm_after_the_time_budget_is_spent_still_runs(pg_url: str) -> Non
         assert verdict.decision is Decision.TAKE
         confirms.append(storage.get_trial(taken).system_attrs[attrs.CONFIRMS])
     assert sorted(confirms) == [1, 2]  # the top two configurations, not the queued search one
+    # While they run, one may die and be queued again: workers wait to run it, not stop.
+    verdict, taken = claimer.claim_once()
+    assert (verdict.decision, taken) == (Decision.WAIT, None)
+    for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.COMPLETE,
+                                       [0.05])
     verdict, taken = claimer.claim_once()
     assert (verdict.decision, taken) == (Decision.STOP, None)
     states = [t.state.name for t in study.get_trials()]
     assert states.count("WAITING") == 1 and len(states) == 6  # nothing created
+
+
+def test_a_confirm_run_killed_after_the_time_budget_is_spent_is_run_again(
+        tmp_path: Path, pg_url: str, workers: list[Worker]) -> None:  # noqa: F811
+    """The search's time is spent and a confirm run's process is killed: the worker's
+    restarted process waits for the dead run's heartbeat to lapse, runs it again, and the
+    confirm step finishes (it stopped at once instead, and the run stayed RUNNING for ever)."""
+    import os
+    import signal
+    import time
+
+    from tuner import attrs
+
+    study = write_study(tmp_path, "late-kill", n_trials=50, epochs=150, patience=150,
+                        family="user_models:tiny", extra_study='time_budget = "2s"')
+    assert run_tuner("create", str(study), "--storage", pg_url).returncode == 0
+    search = Worker(tmp_path, "search", "--study", "late-kill", "--gpus", "none",
+                    storage=pg_url)
+    workers.append(search)
+    assert search.wait() == 0, search.stderr
+    assert "time budget of 2s is spent" in search.stdout
+    confirmed = run_tuner("confirm", "--study", "late-kill", "--storage", pg_url, "--top", "1",
+                          "--seeds", "1")
+    assert confirmed.returncode == 0, confirmed.stderr
+    worker = Worker(tmp_path, "confirm", "--study", "late-kill", "--gpus", "none",
+                    storage=pg_url)
+    workers.append(worker)
+    deadline = time.monotonic() + 120
+    while True:  # the confirm run, a few epochs in
+        runs = [t for t in _trials(pg_url, "late-kill") if attrs.CONFIRMS in t.system_attrs]
+        if runs and runs[0].state.name == "RUNNING" and len(runs[0].intermediate_values) >= 3:
+            break
+        assert time.monotonic() < deadline and worker.proc.poll() is None, worker.stdout
+        time.sleep(0.2)
+    os.kill(runs[0].user_attrs[attrs.PID], signal.SIGKILL)
+    assert worker.wait() == 0, worker.stdout + worker.stderr
+    assert "restarting" in worker.stdout
+    runs = [t for t in _trials(pg_url, "late-kill") if attrs.CONFIRMS in t.system_attrs]
+    assert [t.state.name for t in runs] == ["FAIL", "COMPLETE"], worker.stdout
+    assert not [t for t in _trials(pg_url, "late-kill") if t.state.name == "RUNNING"]
 
 
 def test_confirm_runs_are_not_left_behind_by_the_trials_running_when_they_were_queued(

@@ -26,7 +26,8 @@ may end a little past it. A confirm step's runs (:mod:`tuner.confirm`) grow ``n_
 epoch budget by what they need, and start whatever the epoch and time budgets say: a user who
 asks for them after the search's epochs or hours are spent (or while its last trials overrun
 them) still gets them (step 1 lets them through, step 2 takes only them, and no new trial is
-created).
+created). The search's epochs are counted apart from theirs, so runs that stop early leave it
+nothing more; and while a run is running, workers wait rather than stop, as in step 4.
 
 Dead trials: a running trial whose heartbeat is older than the grace period, or that this
 process has seen without any heartbeat for a grace period, is failed and its parameters
@@ -86,6 +87,9 @@ class Budget:
     clock_started: float | None = None  # UTC seconds of the first claim
     trial_timeout: float | None = None  # not a limit on the study: on each trial it starts
     keep_models: int | None = 5  # nor this: how many models the study keeps (None: all)
+    # The search's own epochs: ``epochs`` less what a confirm step's runs may take on top
+    # (``None``: all of ``epochs``). Runs that stop early leave theirs unspent, not to the search.
+    search_epochs: int | None = None
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], clock_started: float | None = None,
@@ -96,13 +100,14 @@ class Budget:
         if that was more than its budget."""
         n, epochs = spec.get("n_trials"), spec.get("epoch_budget")
         extra, confirm = confirm_runs, confirm or {}
+        search_epochs = epochs
         if extra and n is not None:
             n = max(n, int(confirm.get("searched", 0))) + extra
         if extra and epochs is not None:
-            epochs = (max(epochs, int(confirm.get("searched_epochs", 0)))
-                      + extra * int(spec.get("model", {}).get("epochs", 0)))
+            search_epochs = max(epochs, int(confirm.get("searched_epochs", 0)))
+            epochs = search_epochs + extra * int(spec.get("model", {}).get("epochs", 0))
         return cls(n, epochs, spec.get("time_budget"), clock_started,
-                   spec.get("trial_timeout"), spec.get("keep_models", 5))
+                   spec.get("trial_timeout"), spec.get("keep_models", 5), search_epochs)
 
     def describe(self) -> str:
         """``24 trials``, ``600 epochs`` or ``8h``, the way a user wrote the budget."""
@@ -140,7 +145,11 @@ class Usage:
     waiting: int = 0
     failed: int = 0
     epochs: int = 0
-    confirm_waiting: int = 0  # queued confirm runs, counted where an epoch or time budget is set
+    # A confirm step's runs, counted where an epoch or time budget is set: queued, running,
+    # and the epochs they trained
+    confirm_waiting: int = 0
+    confirm_running: int = 0
+    confirm_epochs: int = 0
 
     @property
     def finished(self) -> int:
@@ -148,9 +157,12 @@ class Usage:
 
     @classmethod
     def from_counts(cls, counts: dict[str, int], epochs: int = 0,
-                    confirm_waiting: int = 0) -> Usage:
+                    confirm: dict[str, int] | None = None) -> Usage:
+        """``confirm``: the confirm runs' ``WAITING`` and ``RUNNING`` counts and ``epochs``."""
+        confirm = confirm or {}
         return cls(counts.get("COMPLETE", 0), counts.get("PRUNED", 0), counts.get("RUNNING", 0),
-                   counts.get("WAITING", 0), counts.get("FAIL", 0), epochs, confirm_waiting)
+                   counts.get("WAITING", 0), counts.get("FAIL", 0), epochs,
+                   confirm.get("WAITING", 0), confirm.get("RUNNING", 0), confirm.get("epochs", 0))
 
 
 @dataclass(frozen=True)
@@ -165,19 +177,26 @@ def decide(usage: Usage, budget: Budget, now: float) -> Verdict:
     n = budget.n_trials
     if n is not None and usage.finished >= n:
         return Verdict(Decision.STOP, f"study budget of {count(n, 'trial')} is spent")
-    out_of_epochs = budget.epochs is not None and usage.epochs >= budget.epochs
+    search_epochs = budget.epochs if budget.search_epochs is None else budget.search_epochs
+    out_of_epochs = (search_epochs is not None
+                     and usage.epochs - usage.confirm_epochs >= search_epochs)
     out_of_time = (budget.seconds is not None and budget.clock_started is not None
                    and now - budget.clock_started >= budget.seconds)
-    if out_of_epochs and not usage.confirm_waiting:
+    # Confirm runs start whatever these budgets say; while one runs it may still die and be
+    # queued again, and someone must be there to run it (as step 4 waits for running trials).
+    confirming = usage.confirm_waiting or usage.confirm_running
+    if out_of_epochs and not confirming:
         return Verdict(Decision.STOP, f"study budget of {budget.epochs} epochs is spent")
-    if out_of_time and not usage.confirm_waiting:
+    if out_of_time and not confirming:
         return Verdict(Decision.STOP, f"study time budget of {duration(budget.seconds)} "
                                       "is spent")
-    spent = out_of_epochs or out_of_time
-    if usage.waiting and (n is None or usage.finished + usage.running < n):
-        return Verdict(Decision.TAKE, confirm_only=spent)
-    if spent:  # confirm runs queued, their slots held by running trials
+    room = n is None or usage.finished + usage.running < n
+    if out_of_epochs or out_of_time:  # only confirm runs start now
+        if usage.confirm_waiting and room:
+            return Verdict(Decision.TAKE, confirm_only=True)
         return Verdict(Decision.WAIT)
+    if usage.waiting and room:
+        return Verdict(Decision.TAKE)
     if n is None or usage.finished + usage.running + usage.waiting < n:
         return Verdict(Decision.CREATE)
     return Verdict(Decision.WAIT)
@@ -234,12 +253,11 @@ class Claimer:
                                       if attrs.CONFIRM in found else 0, found.get(attrs.CONFIRM))
             epochs = (optuna_sql.epochs_reported(conn, self.study_id)
                       if budget.epochs is not None else 0)
-            confirm_waiting = (optuna_sql.count_trials_with(
-                conn, self.study_id, attrs.CONFIRMS, state="WAITING")
-                if attrs.CONFIRM in found and (budget.seconds is not None
-                                               or budget.epochs is not None) else 0)
+            confirm = (optuna_sql.confirm_runs_usage(conn, self.study_id, attrs.CONFIRMS)
+                       if attrs.CONFIRM in found and (budget.seconds is not None
+                                                      or budget.epochs is not None) else None)
             usage = Usage.from_counts(optuna_sql.count_states(conn, self.study_id), epochs,
-                                      confirm_waiting)
+                                      confirm)
         return usage, budget
 
     def verdict(self) -> Verdict:

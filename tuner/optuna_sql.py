@@ -267,18 +267,31 @@ def failed_models(conn: sqlalchemy.Connection, study_id: int, key: str
 
 
 def count_trials_with(conn: sqlalchemy.Connection, study_id: int, key: str,
-                      without: str | None = None, state: str | None = None) -> int:
+                      without: str | None = None) -> int:
     """How many of the study's trials carry the system attribute ``key`` (but not
-    ``without``; in the state named ``state`` only, if given)."""
+    ``without``)."""
     sql = ("SELECT count(*) FROM trials t JOIN trial_system_attributes a "
            "ON a.trial_id = t.trial_id AND a.key = :key WHERE t.study_id = :sid")
     if without is not None:
         sql += (" AND NOT EXISTS (SELECT 1 FROM trial_system_attributes w "
                 "WHERE w.trial_id = t.trial_id AND w.key = :without)")
-    if state is not None:
-        sql += " AND t.state = :state"
-    return int(conn.execute(_text(sql), {"sid": study_id, "key": key, "without": without,
-                                         "state": state}).scalar())
+    return int(conn.execute(_text(sql), {"sid": study_id, "key": key,
+                                         "without": without}).scalar())
+
+
+def confirm_runs_usage(conn: sqlalchemy.Connection, study_id: int, key: str) -> dict[str, int]:
+    """The trials carrying the system attribute ``key`` (a confirm step's runs): how many in
+    each state, by state name, and ``epochs``, the epochs they reported."""
+    joined = ("FROM trials t JOIN trial_system_attributes a ON a.trial_id = t.trial_id "
+              "AND a.key = :key WHERE t.study_id = :sid")
+    params = {"sid": study_id, "key": key}
+    out = {state_name(state): int(n) for state, n in conn.execute(_text(
+        f"SELECT t.state, count(*) {joined} GROUP BY t.state"), params)}
+    out["epochs"] = int(conn.execute(_text(
+        "SELECT count(*) FROM trial_intermediate_values v JOIN trials t "
+        "ON t.trial_id = v.trial_id JOIN trial_system_attributes a ON a.trial_id = t.trial_id "
+        "AND a.key = :key WHERE t.study_id = :sid"), params).scalar_one())
+    return out
 
 
 def system_attr_trials(conn: sqlalchemy.Connection, study_id: int, key: str) -> set[int]:
