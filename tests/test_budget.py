@@ -507,8 +507,9 @@ class ClaimPath(RuleBasedStateMachine):
 
     A worker is idle, or holds a trial. It may claim, complete, prune or fail its trial, give it
     back, die (its heartbeat goes stale and it starts again idle) or die between creating a
-    trial and its first heartbeat; the budget may change; time may pass; a confirm step may
-    queue runs of the best configurations, once. Sweeps judge the dead.
+    trial and its first heartbeat; the budget may change; time may pass; the study's time
+    budget may run out (then only confirm runs start); a confirm step may queue runs of the
+    best configurations, once. Sweeps judge the dead.
     """
 
     url: str
@@ -521,6 +522,7 @@ class ClaimPath(RuleBasedStateMachine):
         self.dead: set[int] = set()  # trial ids abandoned by dead workers
         self.shrunk = False
         self.confirmed = False
+        self.out_of_time = False
         self.claimers: list[Claimer] = []
         self.steps = 0
 
@@ -554,8 +556,15 @@ class ClaimPath(RuleBasedStateMachine):
         self.steps += 1
         usage = self.usage()
         if verdict.decision is Decision.WAIT:
-            # never wait while a queued trial could run
-            assert not (usage.waiting and usage.finished + usage.running < self.n_trials), usage
+            # never wait while a queued trial could run: a confirm run within the budget, or
+            # any within the search's own part of it (none once out of time)
+            room = usage.finished + usage.running < self.n_trials
+            search_part = self.n_trials - (self.runs if self.confirmed else 0)
+            searching = (usage.finished - usage.confirm_finished + usage.running
+                         - usage.confirm_running)
+            search_room = not self.out_of_time and searching < search_part
+            assert not (usage.confirm_waiting and room), usage
+            assert not (usage.waiting and room and search_room), usage
         if trial_id is not None:
             self.held[w] = (self.claimers[w]._trial(trial_id), trial_id)
             self.held[w][0].suggest_float("x", 0.0, 1.0)
@@ -632,6 +641,15 @@ class ClaimPath(RuleBasedStateMachine):
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
 
+    @precondition(lambda self: self.claimers and not self.out_of_time)
+    @rule()
+    def time_budget_runs_out(self) -> None:
+        """The study's hours are spent: no new search trial starts, confirm runs still do."""
+        self.study.set_user_attr(attrs.SPEC, {**self.study.user_attrs[attrs.SPEC],
+                                              "time_budget": 60})
+        self.study.set_user_attr(attrs.CLOCK_STARTED, time.time() - 3600)
+        self.out_of_time = True
+
     @precondition(lambda self: self.claimers)
     @rule(w=st.integers(0, WORKERS - 1))
     def sweep_after_the_grace_period(self, w: int) -> None:
@@ -695,7 +713,14 @@ class ClaimPath(RuleBasedStateMachine):
         else:
             pytest.fail(f"the study never finished: {self.usage()}")
         usage = self.usage()
-        assert self.n_trials <= usage.finished <= self.allowed
+        assert usage.finished <= self.allowed
+        if self.out_of_time:
+            # The search stopped early, and a dead search trial may be left RUNNING (nobody
+            # needs it run again); a confirm run must not be: nobody stopped while one could
+            # still die, and a dead one was run again.
+            assert usage.confirm_running == usage.confirm_waiting == 0, usage
+            return
+        assert self.n_trials <= usage.finished
         if not self.shrunk:
             assert usage.finished == self.n_trials
             assert usage.running == 0 and usage.waiting == 0, usage

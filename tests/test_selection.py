@@ -325,6 +325,35 @@ def test_a_confirm_after_the_time_budget_is_spent_still_runs(pg_url: str) -> Non
     assert states.count("WAITING") == 1 and len(states) == 6  # nothing created
 
 
+def test_a_queued_search_trial_never_takes_a_confirm_runs_slot(pg_url: str) -> None:
+    """The budget was lowered below what the search ran, with a search trial queued again
+    (its worker died); then a confirm run is queued on top. The one slot the confirm step
+    added is the run's: taking the older search trial would end the study without it."""
+    from tuner import attrs
+    from tuner.budget import Claimer, Decision
+    from tuner.confirm import queue
+    from tuner.storage import ResilientRDBStorage
+
+    storage = ResilientRDBStorage(pg_url)
+    study = optuna.create_study(study_name="lowered", storage=storage)
+    study.set_user_attr(attrs.SPEC, {"n_trials": 1, "model": {"epochs": 2}})
+    x = optuna.distributions.FloatDistribution(0, 1)
+    for i, value in enumerate([0.3, 0.1]):
+        study.add_trial(optuna.trial.create_trial(params={"x": i / 10}, distributions={"x": x},
+                                                  value=value))
+    study.enqueue_trial({"x": 0.9})  # queued before the confirm run: the older of the two
+    assert queue(study, storage, top=1, seeds=1).added == 1
+    claimer = Claimer(study, storage)
+    verdict, taken = claimer.claim_once()
+    assert verdict.decision is Decision.TAKE
+    run = storage.get_trial(taken)
+    assert run.system_attrs[attrs.CONFIRMS] == 1, run.params
+    storage.set_trial_state_values(taken, optuna.trial.TrialState.COMPLETE, [0.1])
+    verdict, taken = claimer.claim_once()
+    assert (verdict.decision, taken) == (Decision.STOP, None)
+    storage.engine.dispose()
+
+
 def test_a_confirm_run_killed_after_the_time_budget_is_spent_is_run_again(
         tmp_path: Path, pg_url: str, workers: list[Worker]) -> None:  # noqa: F811
     """The search's time is spent and a confirm run's process is killed: the worker's

@@ -26,8 +26,9 @@ may end a little past it. A confirm step's runs (:mod:`tuner.confirm`) grow ``n_
 epoch budget by what they need, and start whatever the epoch and time budgets say: a user who
 asks for them after the search's epochs or hours are spent (or while its last trials overrun
 them) still gets them (step 1 lets them through, step 2 takes only them, and no new trial is
-created). The search's epochs are counted apart from theirs, so runs that stop early leave it
-nothing more; and while a run is running, workers wait rather than stop, as in step 4.
+created). The search's trials and epochs are counted apart from theirs: a queued search trial
+never takes a run's slot, and runs that stop early leave the search no epochs; and while a run
+is running, workers wait rather than stop, as in step 4.
 
 Dead trials: a running trial whose heartbeat is older than the grace period, or that this
 process has seen without any heartbeat for a grace period, is failed and its parameters
@@ -87,8 +88,10 @@ class Budget:
     clock_started: float | None = None  # UTC seconds of the first claim
     trial_timeout: float | None = None  # not a limit on the study: on each trial it starts
     keep_models: int | None = 5  # nor this: how many models the study keeps (None: all)
-    # The search's own epochs: ``epochs`` less what a confirm step's runs may take on top
-    # (``None``: all of ``epochs``). Runs that stop early leave theirs unspent, not to the search.
+    # The search's own trials and epochs: ``n_trials`` and ``epochs`` less what a confirm
+    # step's runs take on top (``None``: all of them). Runs that stop early, or a queued search
+    # trial, never take what the runs were given.
+    search_trials: int | None = None
     search_epochs: int | None = None
 
     @classmethod
@@ -100,14 +103,15 @@ class Budget:
         if that was more than its budget."""
         n, epochs = spec.get("n_trials"), spec.get("epoch_budget")
         extra, confirm = confirm_runs, confirm or {}
-        search_epochs = epochs
+        search_trials, search_epochs = n, epochs
         if extra and n is not None:
-            n = max(n, int(confirm.get("searched", 0))) + extra
+            search_trials = max(n, int(confirm.get("searched", 0)))
+            n = search_trials + extra
         if extra and epochs is not None:
             search_epochs = max(epochs, int(confirm.get("searched_epochs", 0)))
             epochs = search_epochs + extra * int(spec.get("model", {}).get("epochs", 0))
-        return cls(n, epochs, spec.get("time_budget"), clock_started,
-                   spec.get("trial_timeout"), spec.get("keep_models", 5), search_epochs)
+        return cls(n, epochs, spec.get("time_budget"), clock_started, spec.get("trial_timeout"),
+                   spec.get("keep_models", 5), search_trials, search_epochs)
 
     def describe(self) -> str:
         """``24 trials``, ``600 epochs`` or ``8h``, the way a user wrote the budget."""
@@ -145,10 +149,10 @@ class Usage:
     waiting: int = 0
     failed: int = 0
     epochs: int = 0
-    # A confirm step's runs, counted where an epoch or time budget is set: queued, running,
-    # and the epochs they trained
+    # A confirm step's runs: queued, running, finished, and the epochs they trained
     confirm_waiting: int = 0
     confirm_running: int = 0
+    confirm_finished: int = 0
     confirm_epochs: int = 0
 
     @property
@@ -162,14 +166,15 @@ class Usage:
         confirm = confirm or {}
         return cls(counts.get("COMPLETE", 0), counts.get("PRUNED", 0), counts.get("RUNNING", 0),
                    counts.get("WAITING", 0), counts.get("FAIL", 0), epochs,
-                   confirm.get("WAITING", 0), confirm.get("RUNNING", 0), confirm.get("epochs", 0))
+                   confirm.get("WAITING", 0), confirm.get("RUNNING", 0),
+                   confirm.get("COMPLETE", 0) + confirm.get("PRUNED", 0), confirm.get("epochs", 0))
 
 
 @dataclass(frozen=True)
 class Verdict:
     decision: Decision
     reason: str = ""  # why a worker stops, for its last line
-    confirm_only: bool = False  # TAKE: the epoch or time budget is spent: only confirm runs
+    confirm_only: bool = False  # TAKE: the search's budget is spent: only confirm runs
 
 
 def decide(usage: Usage, budget: Budget, now: float) -> Verdict:
@@ -191,13 +196,14 @@ def decide(usage: Usage, budget: Budget, now: float) -> Verdict:
         return Verdict(Decision.STOP, f"study time budget of {duration(budget.seconds)} "
                                       "is spent")
     room = n is None or usage.finished + usage.running < n
-    if out_of_epochs or out_of_time:  # only confirm runs start now
-        if usage.confirm_waiting and room:
-            return Verdict(Decision.TAKE, confirm_only=True)
-        return Verdict(Decision.WAIT)
-    if usage.waiting and room:
+    search_room = not (out_of_epochs or out_of_time) and (
+        budget.search_trials is None or usage.finished - usage.confirm_finished
+        + usage.running - usage.confirm_running < budget.search_trials)
+    if usage.waiting and room and search_room:
         return Verdict(Decision.TAKE)
-    if n is None or usage.finished + usage.running + usage.waiting < n:
+    if usage.confirm_waiting and room:  # only confirm runs start now
+        return Verdict(Decision.TAKE, confirm_only=True)
+    if search_room and (n is None or usage.finished + usage.running + usage.waiting < n):
         return Verdict(Decision.CREATE)
     return Verdict(Decision.WAIT)
 
@@ -254,8 +260,7 @@ class Claimer:
             epochs = (optuna_sql.epochs_reported(conn, self.study_id)
                       if budget.epochs is not None else 0)
             confirm = (optuna_sql.confirm_runs_usage(conn, self.study_id, attrs.CONFIRMS)
-                       if attrs.CONFIRM in found and (budget.seconds is not None
-                                                      or budget.epochs is not None) else None)
+                       if attrs.CONFIRM in found else None)
             usage = Usage.from_counts(optuna_sql.count_states(conn, self.study_id), epochs,
                                       confirm)
         return usage, budget
