@@ -289,8 +289,9 @@ class Claimer:
                 self._trim_queue(lost.queued)
                 continue  # decide again, under the lock
             if created and self._first_created is not None:
+                # from the study's caching storage, which holds the trial it just created
                 number = retry_on_disconnect(
-                    self.storage, lambda i=trial_id: self.storage.get_trial_number_from_id(i))
+                    self.storage, lambda i=trial_id: self.study._storage.get_trial(i).number)
                 self._first_created(number)
                 self._first_created = None
             if trial_id is not None:
