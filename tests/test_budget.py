@@ -766,7 +766,9 @@ def test_confirm_runs_that_stop_early_leave_no_epochs_to_the_search() -> None:
                                                              "searched_epochs": 31})
     assert (budget.epochs, budget.search_epochs) == (31 + 60, 31)
     confirmed = Usage(complete=8, epochs=31 + 10, confirm_epochs=10)  # 5 epochs each
-    assert decide(confirmed, budget, time.time()).decision is Decision.STOP
+    verdict = decide(confirmed, budget, time.time())
+    assert verdict.decision is Decision.STOP
+    assert verdict.reason == "study budget of 31 epochs is spent"  # the search's, not 91
     # asked for mid-search, the runs come on top: the search still has its own epochs left
     early = Budget.from_spec(spec, confirm_runs=2, confirm={"searched": 2,
                                                             "searched_epochs": 12})

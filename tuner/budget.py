@@ -191,7 +191,7 @@ def decide(usage: Usage, budget: Budget, now: float) -> Verdict:
     # queued again, and someone must be there to run it (as step 4 waits for running trials).
     confirming = usage.confirm_waiting or usage.confirm_running
     if out_of_epochs and not confirming:
-        return Verdict(Decision.STOP, f"study budget of {budget.epochs} epochs is spent")
+        return Verdict(Decision.STOP, f"study budget of {search_epochs} epochs is spent")
     if out_of_time and not confirming:
         return Verdict(Decision.STOP, f"study time budget of {duration(budget.seconds)} "
                                       "is spent")
