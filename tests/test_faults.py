@@ -471,6 +471,29 @@ def test_database_restart_mid_study(tmp_path: Path, private_pg: tuple[str, Path,
     print(f"[PostgreSQL restart] states before {before}; after: {states}")
 
 
+def test_a_short_outage_while_the_pruner_reads_the_study_fails_no_trial(
+        tmp_path: Path, private_pg: tuple[str, Path, int], workers: list[Worker]) -> None:
+    """The pruner reads the study at every epoch, through Optuna's caching storage and a
+    private method of the storage underneath: an outage far inside the retry window is waited
+    out there too, and the trial completes (it failed with a StorageInternalError)."""
+    url, data, port = private_pg
+    _create(tmp_path, url, "pruned-read", n_trials=1, epochs=40, patience=40,
+            family="user_models:slow", pruner="median", extra_study="pruner_warmup = 1")
+    worker = Worker(tmp_path, "w", "--study", "pruned-read", "--gpus", "none", storage=url)
+    workers.append(worker)
+    _wait_for("a trial past its pruning warm-up", lambda: any(
+        t.state.name == "RUNNING" and len(t.intermediate_values) >= 3
+        for t in _trials(url, "pruned-read")), workers=[worker])
+    _pg_ctl(data, port, "stop")
+    time.sleep(4)
+    _pg_ctl(data, port, "start")
+    assert worker.wait() == 0, worker.stdout + worker.stderr
+    trials = _trials(url, "pruned-read")
+    assert [t.state.name for t in trials] == ["COMPLETE"], [
+        t.user_attrs.get("fail_reason") for t in trials]
+    assert "database unreachable" in worker.stderr  # the outage was seen, and waited out
+
+
 def test_an_outage_longer_than_the_retry_window_stops_the_worker_in_one_line(
         tmp_path: Path, private_pg: tuple[str, Path, int], workers: list[Worker]) -> None:
     """Past $TUNER_DB_RETRY_SECONDS the worker gives up waiting: one line that says why, exit

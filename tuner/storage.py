@@ -160,9 +160,13 @@ def is_disconnect(exc: BaseException) -> bool:
 class ResilientRDBStorage(RDBStorage):
     """Optuna's RDBStorage with every call retried across database outages.
 
-    Every public method of :class:`~optuna.storages.RDBStorage` (and the stale-trial query the
-    claim path uses) goes through :func:`retry_on_disconnect`, found by looking at the class
-    rather than by a list of names, so a method a later Optuna adds is covered too.
+    Every public method of :class:`~optuna.storages.RDBStorage` goes through
+    :func:`retry_on_disconnect`, found by looking at the class rather than by a list of names,
+    so a method a later Optuna adds is covered too; so do the private ones that Optuna's
+    caching storage (``study._storage``) calls on it: the reads behind sampling and every
+    pruner's look at the study, and the write behind ``suggest_*`` (which ignores a row an
+    earlier try already committed), else a short outage failed the trial mid-training.
+    Creating a trial is left out: the claim path redoes its whole decision instead.
     ``last_recovered`` (monotonic seconds) is when a call last succeeded after an outage.
     """
 
@@ -187,8 +191,10 @@ def _retrying(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+_CALLED_BY_THE_CACHE = ("_get_stale_trial_ids", "_get_trials", "_get_best_trial_id",
+                        "_set_trial_param")
 for _name, _member in inspect.getmembers(RDBStorage, inspect.isfunction):
-    if not _name.startswith("_") or _name == "_get_stale_trial_ids":
+    if not _name.startswith("_") or _name in _CALLED_BY_THE_CACHE:
         setattr(ResilientRDBStorage, _name, _retrying(_name, _member))
 
 
