@@ -212,7 +212,8 @@ def test_sigterm_and_ctrl_c_give_the_trial_back(tmp_path: Path, pg_url: str,
     _create(tmp_path, pg_url, "stop", n_trials=2, epochs=400, patience=100,
             family="user_models:tiny")
     given_back = []
-    for how in ("SIGTERM to the worker", "Ctrl-C to its process group"):
+    for how in ("SIGTERM to the worker", "Ctrl-C to its process group",
+                "SIGHUP to its process group"):  # the terminal or ssh session closed
         # As on Kubernetes, where an evicted pod must fail to be replaced (worker-job.yaml)
         exit_code = 143 if how.startswith("SIGTERM") else 0
         worker = Worker(tmp_path, how[:7], "--study", "stop", "--gpus", "none", storage=pg_url,
@@ -223,6 +224,8 @@ def test_sigterm_and_ctrl_c_give_the_trial_back(tmp_path: Path, pg_url: str,
         sent = time.monotonic()
         if how.startswith("SIGTERM"):
             worker.proc.send_signal(signal.SIGTERM)
+        elif how.startswith("SIGHUP"):
+            os.killpg(worker.proc.pid, signal.SIGHUP)
         else:
             os.killpg(worker.proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
         assert worker.wait(timeout=60) == exit_code, worker.stderr

@@ -79,11 +79,12 @@ def _cap_flags(p: argparse.ArgumentParser, who: str) -> None:
 
 
 class _StoppedEarly(BaseException):
-    """SIGTERM arrived before the verb installed its own handler: nothing runs yet."""
+    """SIGTERM (or SIGHUP) arrived before the verb installed its own handler: nothing runs
+    yet."""
 
 
 def _stop_early(signum: int, frame: FrameType | None) -> None:
-    raise _StoppedEarly
+    raise _StoppedEarly(signal.Signals(signum).name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +179,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     """The ``tuner`` command; ``out`` and ``err`` default to the process's streams."""
     out, err = out or sys.stdout, err or sys.stderr
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _stop_early) if in_main_thread else None
+    early = (signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, _stop_early) for s in early} if in_main_thread else {}
     words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
     try:
         from tuner.settings import quiet_libraries
@@ -196,8 +198,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
             return _stopped_before_any_trial("Ctrl-C", err)
         print("tuner: interrupted", file=err)
         return ExitCode.INTERRUPTED
-    except _StoppedEarly:
-        return _stopped_before_any_trial("SIGTERM", err)
+    except _StoppedEarly as stopped:
+        return _stopped_before_any_trial(str(stopped), err)
     except BrokenPipeError:
         # The reader went away (`tuner trials | head`): not a failure. Point stdout at
         # /dev/null so that Python's own flush at exit does not complain again.
@@ -205,8 +207,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return ExitCode.OK
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _stopped_before_any_trial(what: str, err: TextIO) -> int:

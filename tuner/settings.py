@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 from pathlib import Path
 
 from tuner.errors import UserError
@@ -153,6 +154,11 @@ def quiet_libraries() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# What stops a worker cleanly (its running trials given back): SIGTERM from a scheduler,
+# Ctrl-C, and SIGHUP from a terminal or ssh session that closes.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def signal_exit_code() -> int:

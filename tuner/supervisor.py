@@ -13,7 +13,7 @@ to a cap (:func:`next_step`); its trial is failed and retried by whichever worke
 A child that exits 0 is done (the study's budget is spent, or its ``--n-trials`` /
 ``--timeout`` cap is reached); one that stops with a message (five failed trials in a row,
 an unknown study) is not restarted, and the parent repeats its message and exits 1 at the end.
-SIGTERM or SIGINT to the parent is forwarded as SIGTERM; each child gives its running trial
+SIGTERM, SIGINT or SIGHUP to the parent is forwarded as SIGTERM; each child gives its running trial
 back and exits, and the parent exits 0.
 """
 
@@ -37,7 +37,7 @@ from typing import TextIO
 
 from tuner import render
 from tuner.errors import ExitCode, RuntimeFailure, TunerError, UserError
-from tuner.settings import signal_exit_code
+from tuner.settings import STOP_SIGNALS, signal_exit_code
 
 MAX_RESTARTS = 5
 STABLE_SECONDS = 600.0  # a child that ran this long before dying starts a fresh restart count
@@ -183,7 +183,7 @@ class _Supervisor:
         self.salt = zlib.crc32(f"{socket.gethostname()}/{os.getpid()}".encode()) % 100_000
 
     def run(self) -> int:
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             for child in self.children:
                 if self.stopping:
@@ -402,17 +402,17 @@ class _early_interrupts:  # noqa: N801 - a context manager
         from tuner.worker import Interrupted
 
         def handler(signum: int, frame: FrameType | None) -> None:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for stop in STOP_SIGNALS:
+                signal.signal(stop, signal.SIG_IGN)
             _early_interrupts.received = signal.Signals(signum).name
             raise Interrupted(_early_interrupts.received)
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, handler)
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_IGN)
 
 
 def _quiet(prefix: str) -> None:

@@ -36,7 +36,7 @@ from tuner.errors import RuntimeFailure
 from tuner.pruning import warmup_epochs
 from tuner.render import duration, no_gpu_seen, waiting
 from tuner.retention import Retention
-from tuner.settings import artifacts_dir, epoch_write_interval
+from tuner.settings import STOP_SIGNALS, artifacts_dir, epoch_write_interval
 from tuner.spec import StudySpec
 from tuner.storage import DatabaseGone, retry_on_disconnect
 
@@ -538,7 +538,7 @@ class _interrupts_raise:  # noqa: N801 - used as a context manager like contextl
                 self.armed = False
                 raise Interrupted(self.received)
 
-        self.previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
         return self
 
     def check(self) -> None:
