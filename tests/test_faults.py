@@ -497,6 +497,28 @@ def test_a_short_outage_while_the_pruner_reads_the_study_fails_no_trial(
     assert "database unreachable" in worker.stderr  # the outage was seen, and waited out
 
 
+def test_a_child_restarted_during_an_outage_waits_for_the_database(
+        tmp_path: Path, private_pg: tuple[str, Path, int], workers: list[Worker]) -> None:
+    """A child dies (killed, out of memory) while the database is down: its replacement
+    waits for the database as every call does, instead of giving up at once and leaving the
+    worker with no process (it exited 1, and the trial stayed RUNNING)."""
+    url, data, port = private_pg
+    _create(tmp_path, url, "restart-down", n_trials=1, epochs=10, patience=10,
+            family="user_models:slow")
+    worker = Worker(tmp_path, "w", "--study", "restart-down", "--gpus", "none", storage=url)
+    workers.append(worker)
+    victim = _wait_for("a running trial", lambda: _running_with_pid(url, "restart-down"),
+                       workers=[worker])
+    _pg_ctl(data, port, "stop")
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    time.sleep(4)  # the parent restarts the child after 1 s; it finds no database
+    _pg_ctl(data, port, "start")
+    assert worker.wait() == 0, worker.stdout + worker.stderr
+    assert "restarting in 1s" in worker.stdout
+    trials = _assert_budget_exact(url, "restart-down", 1)
+    _assert_retried(trials, victim.number)
+
+
 def test_an_outage_longer_than_the_retry_window_stops_the_worker_in_one_line(
         tmp_path: Path, private_pg: tuple[str, Path, int], workers: list[Worker]) -> None:
     """Past $TUNER_DB_RETRY_SECONDS the worker gives up waiting: one line that says why, exit

@@ -33,8 +33,12 @@ MAX_OVERFLOW = 2
 _log = logging.getLogger("tuner.storage")
 
 
-def open_storage(url: str, *, heartbeat: bool = True) -> RDBStorage:
-    """Connect (creating Optuna's tables if needed); one-line :class:`RuntimeFailure` if not."""
+def open_storage(url: str, *, heartbeat: bool = True, wait: bool = False) -> RDBStorage:
+    """Connect (creating Optuna's tables if needed); one-line :class:`RuntimeFailure` if not.
+
+    ``wait``: a database that cannot be reached is waited for, as every later call is, for up
+    to ``$TUNER_DB_RETRY_SECONDS`` (a worker's process restarted during an outage); without
+    it the failure is at once (a user's command, where a mistyped URL must not hang)."""
     parsed = parse_url(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
@@ -45,21 +49,27 @@ def open_storage(url: str, *, heartbeat: bool = True) -> RDBStorage:
     if heartbeat:
         kwargs = {"heartbeat_interval": settings.heartbeat_interval(),
                   "grace_period": settings.grace_period()}
-    for attempt in range(5):
+    deadline = time.monotonic() + settings.db_retry_seconds()
+    created_meanwhile = outage = 0
+    while True:
         try:
             with _quiet_optuna():
                 return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-        except (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.OperationalError) as exc:
-            # Another process created Optuna's tables in this new database at the same
-            # moment (workers started together): they are there now, open them again.
-            # (SQLite says so with an OperationalError, "table studies already exists".)
-            if attempt == 4 or not _created_meanwhile(exc):
-                raise unreachable(url, exc) from None
-            time.sleep(0.2 * (attempt + 1))
         except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError,
                 ValueError) as exc:
-            raise unreachable(url, exc) from None
-    raise AssertionError("unreachable")  # the loop returns or raises
+            if _created_meanwhile(exc) and created_meanwhile < 4:
+                # Another process created Optuna's tables in this new database at the same
+                # moment (workers started together): they are there now, open them again.
+                # (SQLite says so with an OperationalError, "table studies already exists".)
+                created_meanwhile += 1
+                time.sleep(0.2 * created_meanwhile)
+                continue
+            if not (wait and is_disconnect(exc)) or time.monotonic() > deadline:
+                raise unreachable(url, exc) from None
+            if outage == 0:
+                _log.warning("database unreachable (%s); retrying", _first_line(exc, None))
+            time.sleep(retry_interval(outage))
+            outage += 1
 
 
 def _created_meanwhile(exc: BaseException) -> bool:

@@ -378,7 +378,7 @@ def _child_work(config: ChildConfig, prefix: str) -> int:
     from tuner.storage import open_storage
     from tuner.worker import work
 
-    storage = open_storage(storage_url())
+    storage = open_storage(storage_url(), wait=True)  # restarted in an outage: wait it out
     study, spec = studies.load(config.study, storage)
     out = sys.stdout
     say(out, f"{prefix} process {os.getpid()} working on study {config.study!r}")
