@@ -236,3 +236,37 @@ def test_the_default_keeps_the_best_five_and_all_keeps_every_model(
     assert len(complete) == 7
     on_disk = sorted(p.name for p in (tmp_path / "models").iterdir())
     assert on_disk == sorted(t.user_attrs["model_artifact"] for t in complete[:kept])
+
+
+def test_a_model_that_cannot_be_deleted_is_kept_for_a_later_prune(tmp_path: Path,
+                                                                   pg_url: str) -> None:
+    """A read-only artifact directory (an NFS remount) must not crash the worker in a loop:
+    the delete is put off, its record kept, and the next prune that can delete it does."""
+    import errno
+
+    from tuner import study as studies
+    from tuner.budget import Claimer
+    from tuner.retention import Retention
+    from tuner.storage import open_storage
+
+    path = write_study(tmp_path, "ro", n_trials=3, epochs=1)
+    assert run_tuner("run", str(path), "--storage", pg_url, cwd=tmp_path).returncode == 0
+    storage = open_storage(pg_url, heartbeat=False)
+    study, _ = studies.load("ro", storage)
+    directory = tmp_path / "tuner-artifacts"
+    files = sorted(p.name for p in directory.iterdir())
+    assert len(files) == 3
+
+    class ReadOnly(optuna.artifacts.FileSystemArtifactStore):
+        def remove(self, artifact_id: str) -> None:
+            raise OSError(errno.EROFS, "Read-only file system", artifact_id)
+
+    claimer = Claimer(study, storage)
+    assert Retention(claimer, ReadOnly(str(directory)), keep=1).prune() == 2  # no crash
+    assert sorted(p.name for p in directory.iterdir()) == files
+    recorded = [t.user_attrs.get(attrs.MODEL_ARTIFACT) for t in study.get_trials()]
+    assert sorted(recorded) == files  # the records stay: the files are still there
+    writable = optuna.artifacts.FileSystemArtifactStore(str(directory))
+    assert Retention(claimer, writable, keep=1).prune() == 2
+    assert len(list(directory.iterdir())) == 1
+    storage.engine.dispose()

@@ -15,6 +15,8 @@ them.
 
 from __future__ import annotations
 
+import logging
+
 import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
 
@@ -23,6 +25,7 @@ from tuner.budget import Claimer, study_lock
 from tuner.storage import retry_on_disconnect
 
 DEFAULT_KEEP = 5
+_log = logging.getLogger(__name__)
 
 
 class Retention:
@@ -92,6 +95,12 @@ class Retention:
             self.store.remove(artifact_id)
         except ArtifactNotFound:
             pass  # deleted by hand, by another worker a moment ago, or never written
+        except OSError as exc:
+            # A read-only or vanished artifact directory (an NFS remount): training goes on,
+            # and the record stays, so a later prune deletes the file once it can.
+            _log.warning("could not delete model %s (%s); it is kept for now", artifact_id,
+                         exc.strerror or exc)
+            return
 
         def forget() -> None:
             with self.claimer.storage.engine.begin() as conn:

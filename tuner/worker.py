@@ -182,11 +182,9 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                         recorder.close()
                     frozen = claimer.tell(trial, result.val_loss)
                     completed = True
-                    retention.prune()
                     failures_in_a_row = 0
                 except optuna.TrialPruned:
                     frozen = claimer.tell(trial, state=TrialState.PRUNED)
-                    retention.prune()  # a keep_models lowered meanwhile (nothing otherwise)
                     failures_in_a_row = 0
                 except Interrupted:
                     claimer.give_back(trial, spent=_spent(trial, time.monotonic() - t0))
@@ -222,6 +220,9 @@ def work(storage: RDBStorage, study: optuna.Study, spec: StudySpec, *,
                         _drop_model(retention, claimed, completed)
                     failures_in_a_row += 1
             if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                # Told already: what pruning meets is no longer the trial's failure. After a
+                # pruned trial too, for a keep_models lowered meanwhile.
+                retention.prune()
                 figures.after_trial()
             if progress is not None:
                 progress(_outcome(storage, claimer.study_id, frozen, time.monotonic() - t0,
