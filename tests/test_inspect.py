@@ -261,7 +261,8 @@ def test_what_the_commands_print_at_the_edges() -> None:
         "Parameter importances: every knob is fixed in the study file, so none to weigh",
         "Best trial #0: every knob is fixed in the study file, so no range to widen."]
     spent = render.no_completed_trial("s", "export", ["PRUNED", "FAIL", "PRUNED"])
-    assert "nothing to export; its 2 trials pruned and 1 failed are all it ran" in spent
+    assert "nothing to export; its 2 trials pruned and 1 failed are all it has run" in spent
+    assert "start a worker again (`tuner worker --study s`)" in spent  # a budget may be left
     assert "wait for a worker" in render.no_completed_trial("s", "show", ["FAIL", "RUNNING"])
     one = render.confirm_queued("s", Queued(1, 2, [4], 2, added=2), (1, 2))
     assert "Queued 2 runs in study" in one

@@ -561,7 +561,10 @@ def no_completed_trial(study: str, what: str, states: list[str],
         return (f"study {study!r} has no completed trial yet: nothing to {what}; start a "
                 f"worker (`{worker_command(study, storage_flags)}`)")
     pruned, failed = states.count("PRUNED"), states.count("FAIL")
+    # Failed trials leave the budget unspent, pruned ones spend it: which it is, is not read
+    # here, so the line says what to do in either case.
     return (f"study {study!r} has no completed trial: nothing to {what}; its "
-            f"{count(pruned, 'trial')} pruned and {failed} failed are all it ran (`tuner "
-            "trials` shows why); raise n_trials in the study file and run `tuner create` "
-            "again to run more")
+            f"{count(pruned, 'trial')} pruned and {failed} failed are all it has run (`tuner "
+            "trials` shows why): fix what stopped them, then start a worker again "
+            f"(`{worker_command(study, storage_flags)}`), after raising the budget in the "
+            "study file and running `tuner create` again if it is spent")
