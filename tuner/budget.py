@@ -162,7 +162,7 @@ class Usage:
     @classmethod
     def from_counts(cls, counts: dict[str, int], epochs: int = 0,
                     confirm: dict[str, int] | None = None) -> Usage:
-        """``confirm``: the confirm runs' ``WAITING`` and ``RUNNING`` counts and ``epochs``."""
+        """``confirm``: the confirm runs' counts by state name, and their ``epochs``."""
         confirm = confirm or {}
         return cls(counts.get("COMPLETE", 0), counts.get("PRUNED", 0), counts.get("RUNNING", 0),
                    counts.get("WAITING", 0), counts.get("FAIL", 0), epochs,
