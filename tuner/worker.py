@@ -516,8 +516,8 @@ def _timed_out_reason(seconds: float | None) -> str:
 
 
 class _interrupts_raise:  # noqa: N801 - used as a context manager like contextlib helpers
-    """SIGTERM and SIGINT stop the worker once; only while the worker waits for a free slot
-    do they raise at once.
+    """SIGTERM, SIGINT and SIGHUP (:data:`tuner.settings.STOP_SIGNALS`) stop the worker once;
+    only while the worker waits for a free slot do they raise at once.
 
     Elsewhere the signal is remembered and :meth:`check` raises it at the next safe point:
     between two batches of a trial (``run_trial``'s ``stop_check``), or between claiming,
