@@ -282,15 +282,14 @@ def count_trials_with(conn: sqlalchemy.Connection, study_id: int, key: str,
 def confirm_runs_usage(conn: sqlalchemy.Connection, study_id: int, key: str) -> dict[str, int]:
     """The trials carrying the system attribute ``key`` (a confirm step's runs): how many in
     each state, by state name, and ``epochs``, the epochs they reported."""
-    joined = ("FROM trials t JOIN trial_system_attributes a ON a.trial_id = t.trial_id "
-              "AND a.key = :key WHERE t.study_id = :sid")
+    runs = ("JOIN trial_system_attributes a ON a.trial_id = t.trial_id AND a.key = :key "
+            "WHERE t.study_id = :sid")
     params = {"sid": study_id, "key": key}
     out = {state_name(state): int(n) for state, n in conn.execute(_text(
-        f"SELECT t.state, count(*) {joined} GROUP BY t.state"), params)}
+        f"SELECT t.state, count(*) FROM trials t {runs} GROUP BY t.state"), params)}
     out["epochs"] = int(conn.execute(_text(
         "SELECT count(*) FROM trial_intermediate_values v JOIN trials t "
-        "ON t.trial_id = v.trial_id JOIN trial_system_attributes a ON a.trial_id = t.trial_id "
-        "AND a.key = :key WHERE t.study_id = :sid"), params).scalar_one())
+        f"ON t.trial_id = v.trial_id {runs}"), params).scalar_one())
     return out
 
 
